@@ -1,0 +1,152 @@
+"""Sampling, warping and composition of dense displacement fields (DDFs).
+
+Conventions used throughout ``monai_ext`` (the same as MONAI's ``Warp``):
+
+* tensors are ``(B, C, *spatial)`` with ``spatial`` of length ``n`` (2 or 3);
+* a DDF ``u`` has shape ``(B, n, *spatial)`` in **voxel units**, channel ``i`` being the
+  displacement along spatial axis ``i`` (array order, not ``grid_sample``'s reversed x, y, z);
+* the DDF defines the map ``phi(x) = x + u(x)`` from the grid it lives on (the *fixed* grid) into
+  the *moving* image: warping reads ``moving(x + u(x))`` for every fixed-grid voxel ``x``;
+* voxel index = voxel centre; between grid points values are multilinearly interpolated, and
+  outside the grid the DDF is extrapolated by replicating its border ("border" padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Warp
+
+__all__ = ["voxel_grid", "sample", "sample_points", "warp", "compose", "affine_to_ddf", "check_ddf"]
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def check_ddf(ddf: torch.Tensor, name: str = "ddf") -> None:
+    """Raise ``ValueError`` unless ``ddf`` is a finite ``(B, n, *spatial)`` DDF with ``n`` 2 or 3."""
+    if not isinstance(ddf, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ddf).__name__}")
+    n = ddf.ndim - 2
+    if n not in (2, 3) or ddf.shape[1] != n:
+        raise ValueError(f"{name} must have shape (B, n, *spatial) with n = len(spatial) in (2, 3), got {tuple(ddf.shape)}")
+    if not torch.isfinite(ddf).all():
+        raise ValueError(f"{name} contains non-finite values")
+
+
+def voxel_grid(
+    spatial_shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Voxel coordinates of a grid, shape ``(n, *spatial_shape)``; channel ``i`` is the index along axis ``i``."""
+    axes = [torch.arange(int(s), dtype=dtype, device=device) for s in spatial_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def sample(
+    volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", padding: str = "border"
+) -> torch.Tensor:
+    """Sample ``volume`` at voxel coordinates.
+
+    Args:
+        volume: ``(B, C, *spatial)``, ``n = len(spatial)`` in (2, 3).
+        coords: ``(B, n, *out)`` voxel coordinates of ``volume`` (channel ``i`` along spatial axis ``i``);
+            ``out`` may have any number of dimensions (points, a grid of another size, ...).
+            A batch size of 1 in either argument is broadcast.
+        mode: ``"linear"`` (multilinear) or ``"nearest"``.
+        padding: ``"border"`` (replicate the edge value) or ``"zeros"``.
+
+    Returns:
+        ``(B, C, *out)``.
+
+    ``torch.nn.functional.grid_sample`` is used directly (rather than MONAI's ``Warp``) because the
+    query points need not form a grid of the volume's own size.
+    """
+    n = volume.ndim - 2
+    if n not in (2, 3):
+        raise ValueError(f"volume must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(volume.shape)}")
+    if coords.ndim < 2 or coords.shape[1] != n:
+        raise ValueError(f"coords must be (B, {n}, ...) voxel coordinates, got {tuple(coords.shape)}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    batch = max(volume.shape[0], coords.shape[0])
+    volume = volume.expand(batch, *volume.shape[1:])
+    out_shape = coords.shape[2:]
+    flat = coords.expand(batch, *coords.shape[1:]).reshape(batch, n, -1)
+    size = torch.tensor(volume.shape[2:], dtype=coords.dtype, device=coords.device).view(1, n, 1)
+    normalized = torch.where(size > 1, 2.0 * flat / (size - 1).clamp(min=1) - 1.0, torch.zeros_like(flat))
+    grid = normalized.flip(1).movedim(1, -1).reshape(batch, -1, *([1] * (n - 1)), n)
+    if not volume.is_floating_point():
+        volume = volume.to(coords.dtype)
+    out = F.grid_sample(volume, grid.to(volume.dtype), mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    return out.reshape(batch, volume.shape[1], *out_shape)
+
+
+def sample_points(volume: torch.Tensor, points: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """Sample ``volume`` ``(B, C, *spatial)`` at points ``(B, N, n)`` in voxel coordinates; returns ``(B, N, C)``.
+
+    Border extrapolation, multilinear (or nearest) interpolation.
+    """
+    if points.ndim != 3 or points.shape[-1] != volume.ndim - 2:
+        raise ValueError(f"points must be (B, N, {volume.ndim - 2}) voxel coordinates, got {tuple(points.shape)}")
+    return sample(volume, points.transpose(1, 2), mode=mode).transpose(1, 2)
+
+
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """Warp ``image`` (the moving image) by ``ddf``: returns ``image(x + ddf(x))`` on the DDF's (fixed) grid.
+
+    Args:
+        image: moving image ``(B, C, *spatial_moving)``.
+        ddf: ``(B, n, *spatial_fixed)`` voxel displacement from fixed-grid voxels into the moving image.
+        mode: ``"linear"`` for intensities and one-hot label maps (soft Dice), ``"nearest"`` for label maps;
+            integer label maps keep their dtype.
+        padding: ``"border"`` or ``"zeros"`` outside the moving image.
+
+    Returns:
+        the warped image ``(B, C, *spatial_fixed)``.
+
+    Uses MONAI's ``Warp`` when the two grids have the same size (identical convention), the general
+    sampler otherwise.
+    """
+    check_ddf(ddf)
+    if image.ndim != ddf.ndim:
+        raise ValueError(f"image {tuple(image.shape)} and ddf {tuple(ddf.shape)} must have the same number of spatial dims")
+    dtype = image.dtype
+    moving = image if image.is_floating_point() else image.to(ddf.dtype)
+    if moving.shape[2:] == ddf.shape[2:] and moving.shape[0] == ddf.shape[0]:
+        out = Warp(mode=_MODES[mode], padding_mode=padding)(moving.to(ddf.dtype), ddf)
+    else:
+        out = sample(moving.to(ddf.dtype), voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None] + ddf, mode, padding)
+    return out.round().to(dtype) if not dtype.is_floating_point else out.to(dtype)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """DDF of ``outer o inner`` resampled on ``inner``'s grid: ``u(x) = inner(x) + outer(x + inner(x))``.
+
+    Both are ``(B, n, *spatial)`` voxel DDFs; ``outer`` is interpolated multilinearly with border
+    extrapolation. Warping by the result equals warping by ``outer`` and then by ``inner``
+    (``warp(warp(m, outer), inner)``) up to interpolation error.
+    """
+    check_ddf(outer, "outer")
+    check_ddf(inner, "inner")
+    coords = voxel_grid(inner.shape[2:], inner.dtype, inner.device)[None] + inner
+    return inner + sample(outer, coords)
+
+
+def affine_to_ddf(matrix: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Dense voxel DDF of an affine map given in voxel coordinates.
+
+    Args:
+        matrix: ``(B, n + 1, n + 1)`` homogeneous matrix mapping fixed-grid voxel coordinates to
+            moving voxel coordinates (column-vector convention, array axis order).
+        spatial_shape: the fixed grid's shape, length ``n``.
+
+    Returns:
+        ``(B, n, *spatial_shape)`` with ``u(x) = A x + t - x``.
+    """
+    n = len(spatial_shape)
+    if matrix.ndim != 3 or matrix.shape[1:] != (n + 1, n + 1):
+        raise ValueError(f"matrix must be (B, {n + 1}, {n + 1}), got {tuple(matrix.shape)}")
+    grid = voxel_grid(spatial_shape, matrix.dtype, matrix.device).reshape(n, -1)
+    mapped = matrix[:, :n, :n] @ grid + matrix[:, :n, n:]
+    return (mapped - grid).reshape(matrix.shape[0], n, *spatial_shape)

@@ -1,0 +1,38 @@
+"""Shared test helpers.
+
+Parity tests read the reference fixtures from ``../shared/fixtures`` (beside the checkout, as in CI).
+When ``../shared`` is absent (a user's fresh machine) they are skipped; when it is present a missing
+fixture file is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def fixture_path(*parts: str) -> Path:
+    """Path of a file under ``../shared/fixtures``; skips only when ``../shared`` itself is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not beside the checkout: reference fixtures unavailable")
+    path = SHARED.joinpath("fixtures", *parts)
+    if not path.exists():
+        raise FileNotFoundError(f"reference fixture missing although ../shared is present: {path}")
+    return path
+
+
+def load_npz(*parts: str) -> dict[str, np.ndarray]:
+    """All arrays of a fixture ``.npz`` as a dict."""
+    with np.load(fixture_path(*parts)) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
