@@ -69,6 +69,8 @@ def sample(
         raise ValueError(f"coords must be (B, {n}, ...) voxel coordinates, got {tuple(coords.shape)}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if len({volume.shape[0], coords.shape[0]} - {1}) > 1:
+        raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
     batch = max(volume.shape[0], coords.shape[0])
     volume = volume.expand(batch, *volume.shape[1:])
     out_shape = coords.shape[2:]

@@ -1,0 +1,148 @@
+"""The Learn2Reg "neurite-oasis" v1.0 release of OASIS-1 (414 T1 brain MRIs with FreeSurfer labels).
+
+Archive: ``neurite-oasis.v1.0.tar`` (6.6 GB, plain tar) at :data:`OASIS_URL`. Each subject folder
+``OASIS_OAS1_XXXX_MR1/`` holds, among others, ``aligned_norm.nii.gz`` (skull-stripped, bias-corrected,
+affinely aligned T1, 160x192x224 voxels of 1 mm, intensities already in [0, 1]) and
+``aligned_seg35.nii.gz`` (35 FreeSurfer structures, labels 1..35, 0 = background); ``subjects.txt``
+lists the subject folders. Use of the data is bound by the OASIS data use agreement
+(https://www.oasis-brains.org).
+
+Checksum: the publisher (neurite / FreeSurfer FTP) publishes **no** checksum for the archive.
+:data:`OASIS_SHA256` is the SHA-256 recorded by the third-party ``torch-em`` dataset loader
+(``torch_em/data/datasets/medical/oasis.py``); it is the default of :func:`download_oasis` and can be
+replaced (or disabled with ``sha256=None``) by the caller.
+
+Split and crop follow the SITReg OASIS configuration (spec ``sitreg.md`` sections 5-6): subjects in
+``subjects.txt`` order, train = first 255, validate = [255:275], test = [275:]; every volume is
+cropped by ``[[0, 0], [24, 24], [16, 16]]`` voxels (before, after) per axis, 160x192x224 ->
+160x144x192; no intensity normalisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.transforms import Compose, EnsureTyped, LoadImaged, SpatialCropd
+
+from monai_ext.data.download import download_file, extract_archive
+
+__all__ = [
+    "OASIS_URL",
+    "OASIS_ARCHIVE",
+    "OASIS_SHA256",
+    "OASIS_CROP",
+    "OASIS_DIVISIONS",
+    "OASIS_IMAGE_FILE",
+    "OASIS_LABEL_FILE",
+    "download_oasis",
+    "oasis_subjects",
+    "oasis_cases",
+    "oasis_pairs",
+    "crop_slices",
+    "oasis_transforms",
+]
+
+OASIS_URL = "https://surfer.nmr.mgh.harvard.edu/ftp/data/neurite/data/neurite-oasis.v1.0.tar"
+OASIS_ARCHIVE = "neurite-oasis.v1.0.tar"
+OASIS_SHA256 = "86dd117dda17f736ade8a4088d7e98e066e1181950fe8b406f1a35f7fb743e78"
+OASIS_CROP = ((0, 0), (24, 24), (16, 16))
+OASIS_DIVISIONS = {"train": slice(0, 255), "validate": slice(255, 275), "test": slice(275, None)}
+OASIS_IMAGE_FILE = "aligned_norm.nii.gz"
+OASIS_LABEL_FILE = "aligned_seg35.nii.gz"
+
+
+def download_oasis(
+    dataset_dir: str | os.PathLike,
+    url: str = OASIS_URL,
+    sha256: str | None = OASIS_SHA256,
+    keep_archive: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Download and extract the archive into ``dataset_dir`` unless ``subjects.txt`` is already there.
+
+    Pointing ``dataset_dir`` at an existing extraction (any folder with ``subjects.txt`` and the
+    subject folders) skips the download. ``url`` may be a mirror or a ``file://`` URL; ``sha256`` is
+    the expected digest of the archive (see the module docstring; ``None`` skips the check).
+    The transfer resumes after an interruption (:func:`monai_ext.data.download.download_file`).
+
+    Returns:
+        ``dataset_dir`` as a ``Path``.
+    """
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / "subjects.txt").is_file():
+        return dataset_dir
+    archive = download_file(url, dataset_dir / OASIS_ARCHIVE, sha256=sha256, progress=progress)
+    extract_archive(archive, dataset_dir)
+    if not keep_archive:
+        archive.unlink()
+    if not (dataset_dir / "subjects.txt").is_file():
+        raise FileNotFoundError(f"the archive from {url} did not contain subjects.txt at its top level")
+    return dataset_dir
+
+
+def oasis_subjects(dataset_dir: str | os.PathLike, division: str) -> list[str]:
+    """Subject folder names of ``division`` ("train", "validate", "test" or "all"), in ``subjects.txt`` order."""
+    if division != "all" and division not in OASIS_DIVISIONS:
+        raise ValueError(f"division must be one of {[*OASIS_DIVISIONS, 'all']}, got {division!r}")
+    listing = Path(dataset_dir) / "subjects.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing} not found: set dataset_dir to the extracted neurite-oasis folder")
+    subjects = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    return subjects if division == "all" else subjects[OASIS_DIVISIONS[division]]
+
+
+def oasis_cases(dataset_dir: str | os.PathLike, division: str) -> list[dict[str, str]]:
+    """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division``."""
+    cases = []
+    for name in oasis_subjects(dataset_dir, division):
+        case = {"image": str(Path(dataset_dir, name, OASIS_IMAGE_FILE)), "label": str(Path(dataset_dir, name, OASIS_LABEL_FILE))}
+        for path in case.values():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path} listed in subjects.txt is missing (incomplete extraction?)")
+        cases.append({**case, "name": name})
+    return cases
+
+
+def oasis_pairs(dataset_dir: str | os.PathLike, division: str) -> list[dict[str, str]]:
+    """Evaluation pairs: every unordered pair ``(i < j)`` of the division's subjects, as MONAI data dicts.
+
+    Subject ``i`` is the moving image and ``j`` the fixed one (SITReg's "forward" maps image-2
+    coordinates to image 1). Keys: ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label``,
+    ``moving_name``, ``fixed_name``.
+    """
+    cases = oasis_cases(dataset_dir, division)
+    return [
+        {**{f"moving_{k}": v for k, v in a.items()}, **{f"fixed_{k}": v for k, v in b.items()}}
+        for a, b in itertools.combinations(cases, 2)
+    ]
+
+
+def crop_slices(crop: Sequence[Sequence[int]]) -> list[slice]:
+    """Slices removing ``crop[i] = (before, after)`` voxels along spatial axis ``i``."""
+    if any(len(c) != 2 or min(c) < 0 for c in crop):
+        raise ValueError(f"crop must be a sequence of (before, after) non-negative voxel counts, got {crop}")
+    return [slice(int(before), -int(after) if after else None) for before, after in crop]
+
+
+def oasis_transforms(
+    image_keys: Sequence[str] = ("moving_image", "fixed_image"),
+    label_keys: Sequence[str] = ("moving_label", "fixed_label"),
+    crop: Sequence[Sequence[int]] | None = OASIS_CROP,
+) -> Compose:
+    """Load (channel first), crop and type the images and label maps of a pair (or case) dict.
+
+    Images come out as float32 ``(1, D, H, W)`` MetaTensors with their (crop-corrected) affine, label
+    maps as int64 ``(1, D, H, W)``. ``crop=None`` keeps the full volume.
+    """
+    keys = [*image_keys, *label_keys]
+    transforms = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
+    if crop is not None:
+        transforms.append(SpatialCropd(keys=keys, roi_slices=crop_slices(crop)))
+    transforms.append(EnsureTyped(keys=list(image_keys), dtype=torch.float32))
+    if label_keys:
+        transforms.append(EnsureTyped(keys=list(label_keys), dtype=torch.int64))
+    return Compose(transforms)

@@ -1,0 +1,381 @@
+"""Pairwise registration with MONAI's stock engines (``SupervisedTrainer`` / ``SupervisedEvaluator``).
+
+MONAI's default iteration computes ``loss_function(network(image), label)``; a symmetric registration
+loss needs both images and both DDFs. The callables below replace the iteration through the engines'
+``iteration_update`` argument (spec ``monai.md`` 4.7, pattern B), so the ``train#trainer`` and
+``validate#evaluator`` ids, handlers, checkpointing and tracking stay MONAI's::
+
+    "trainer": {"_target_": "SupervisedTrainer", ..., "loss_function": "@loss",
+                "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationTrainIteration"}}
+    "evaluator": {"_target_": "SupervisedEvaluator", ...,
+                  "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationEvalIteration"},
+                  "key_val_metric": {"val_mean_dice": {"_target_": "monai_ext.engines.registration.RegistrationMetrics",
+                                                       "output_dir": "@output_dir"}}}
+
+Batches are dicts with ``moving_image`` / ``fixed_image`` ``(B, C, *spatial)`` (and optionally
+``moving_label`` / ``fixed_label`` integer maps ``(B, 1, *spatial)``, masks, ``moving_name`` /
+``fixed_name``). ``forward_ddf`` ``(B, n, *spatial)`` lives on the fixed grid and warps the moving image
+onto it (``moving(x + forward_ddf(x))``); ``inverse_ddf`` lives on the moving grid and warps the fixed
+image onto the moving one. DDFs are in voxel units.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from monai.engines.utils import IterationEvents
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.utils import CommonKeys as Keys
+
+from monai_ext.metrics.deformation import (
+    folding_fraction,
+    inverse_consistency_error,
+    non_diffeomorphic_volume,
+    sdlogj,
+)
+from monai_ext.spatial.sampling import warp
+
+__all__ = ["forward_and_inverse", "RegistrationTrainIteration", "RegistrationEvalIteration", "RegistrationMetrics"]
+
+
+def forward_and_inverse(network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward_ddf, inverse_ddf)`` of a pair.
+
+    Uses ``network.forward_and_inverse(moving, fixed)`` when the network has it (SITReg: one symmetric
+    pass); otherwise a tensor-in/tensor-out network is run twice, ``network(cat(moving, fixed))`` and
+    ``network(cat(fixed, moving))``. (Wrappers such as ``DistributedDataParallel`` hide the method and so
+    take the two-pass route.)
+    """
+    if moving.shape != fixed.shape:
+        raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape")
+    if hasattr(network, "forward_and_inverse"):
+        return network.forward_and_inverse(moving, fixed)
+    return network(torch.cat([moving, fixed], dim=1)), network(torch.cat([fixed, moving], dim=1))
+
+
+def _to_device(engine: Any, batch: Mapping[str, Any], keys: Sequence[str | None]) -> list[torch.Tensor | None]:
+    out = []
+    for key in keys:
+        if key is None or key not in batch:
+            out.append(None)
+            continue
+        value = batch[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
+        out.append(value.to(engine.state.device, non_blocking=engine.non_blocking))
+    return out
+
+
+class RegistrationTrainIteration:
+    """``iteration_update`` for ``SupervisedTrainer``: one symmetric registration training step.
+
+    Runs :func:`forward_and_inverse` on ``engine.network``, then
+    ``engine.loss_function(moving, fixed, forward_ddf, inverse_ddf, moving_mask=..., fixed_mask=...)``, which
+    must return a dict with the total ``"loss"`` (as ``monai_ext.losses.symmetric.SymmetricRegistrationLoss``)
+    or a scalar tensor; backpropagates and steps ``engine.optimizer``. ``engine.inferer`` is not used.
+    Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and ``MODEL_COMPLETED`` like
+    MONAI's own iteration (decollation and postprocessing hang on the last one).
+
+    ``engine.state.output``: ``moving_image``, ``fixed_image``, ``forward_ddf`` (also as ``pred``),
+    ``inverse_ddf``, ``loss`` (the total, a scalar tensor) and every other loss term under its own key,
+    detached. AMP and gradient accumulation are not supported (SITReg uses neither).
+
+    Args:
+        moving_key, fixed_key: batch keys of the images.
+        moving_mask_key, fixed_mask_key: optional batch keys of masks passed to the loss.
+    """
+
+    def __init__(
+        self,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_mask_key: str | None = None,
+        fixed_mask_key: str | None = None,
+    ) -> None:
+        self.keys = (moving_key, fixed_key, moving_mask_key, fixed_mask_key)
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("batchdata must not be None")
+        if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError("RegistrationTrainIteration supports neither amp nor accumulation_steps > 1")
+        moving, fixed, moving_mask, fixed_mask = _to_device(engine, batchdata, self.keys)
+        if moving is None or fixed is None:
+            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
+        engine.state.output = {
+            self.keys[0]: moving,
+            self.keys[1]: fixed,
+            "forward_ddf": forward_ddf,
+            "inverse_ddf": inverse_ddf,
+            Keys.PRED: forward_ddf,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = engine.loss_function(
+            moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask
+        )
+        if not isinstance(terms, Mapping):
+            terms = {Keys.LOSS: terms}
+        if Keys.LOSS not in terms:
+            raise ValueError(f"the loss function must return a dict with key 'loss', got keys {sorted(terms)}")
+        loss = terms[Keys.LOSS].mean()
+        engine.state.output.update({k: v.detach() for k, v in terms.items() if k != Keys.LOSS})
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class RegistrationEvalIteration:
+    """``iteration_update`` for ``SupervisedEvaluator``: DDFs, warped images and warped label maps of a pair.
+
+    ``engine.state.output`` holds ``moving_image``, ``fixed_image``, ``forward_ddf`` (also as ``pred``),
+    ``inverse_ddf``, ``moving_image_warped`` (moving on the fixed grid, linear, border),
+    ``fixed_image_warped`` (fixed on the moving grid), and when the labels are in the batch
+    ``moving_label``, ``fixed_label``, ``moving_label_warped`` (by ``forward_ddf``) and
+    ``fixed_label_warped`` (by ``inverse_ddf``): nearest neighbour, 0 outside the field of view (as the
+    SITReg evaluator). Non-tensor batch items (``moving_name``, ``fixed_name``) are copied as well, so
+    handlers reading ``engine.state.output`` (``from_engine``, :class:`RegistrationMetrics`) see them.
+    """
+
+    def __init__(
+        self,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("batchdata must not be None")
+        moving, fixed, moving_label, fixed_label = _to_device(engine, batchdata, self.keys)
+        if moving is None or fixed is None:
+            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        engine.network.eval()
+        with torch.no_grad():
+            forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
+            output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
+            output.update(
+                {
+                    self.keys[0]: moving,
+                    self.keys[1]: fixed,
+                    "forward_ddf": forward_ddf,
+                    "inverse_ddf": inverse_ddf,
+                    Keys.PRED: forward_ddf,
+                    f"{self.keys[0]}_warped": warp(moving, forward_ddf),
+                    f"{self.keys[1]}_warped": warp(fixed, inverse_ddf),
+                }
+            )
+            if moving_label is not None and fixed_label is not None:
+                output.update(
+                    {
+                        self.keys[2]: moving_label,
+                        self.keys[3]: fixed_label,
+                        f"{self.keys[2]}_warped": warp(moving_label, forward_ddf, mode="nearest", padding="zeros"),
+                        f"{self.keys[3]}_warped": warp(fixed_label, inverse_ddf, mode="nearest", padding="zeros"),
+                    }
+                )
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _nan_mean(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(stream)`` into a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as stream:
+            write(stream)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class RegistrationMetrics(Metric):
+    """Per-pair registration metrics, summarised per evaluation run; an ignite ``Metric`` for ``key_val_metric``.
+
+    For every pair in ``engine.state.output`` (as produced by :class:`RegistrationEvalIteration`,
+    decollated or not):
+
+    * ``dice`` / ``dice_label_<label>``: Dice of ``moving_label_warped`` vs ``fixed_label`` per label (MONAI
+      ``compute_dice`` on one-hot maps), NaN for a label absent from both; ``dice`` = mean over labels
+      ignoring NaN. ``dice_inverse``: the same for ``fixed_label_warped`` vs ``moving_label``.
+    * ``hd95`` / ``hd95_inverse``: MONAI ``compute_hausdorff_distance(percentile=95)`` per label in **voxel
+      units** (as SITReg), mean over the labels present in both maps.
+    * ``folding_fraction``, ``sdlogj`` and (3-D) ``ndv`` of ``forward_ddf``; ``ic_mse`` and ``ic_max``
+      (inverse consistency of ``forward_ddf`` o ``inverse_ddf``, voxels) when ``inverse_ddf`` is present;
+      see :mod:`monai_ext.metrics.deformation`.
+
+    ``compute()`` returns the mean ``dice`` over pairs (the key metric, e.g. ``"val_mean_dice"``); on
+    completion the mean of every other summary column is also put in ``engine.state.metrics`` as
+    ``<prefix><column>``, and, if ``output_dir`` is set, ``per_pair.csv``, ``summary.csv`` and
+    ``summary.json`` (mean, std, count over pairs, NaN/inf ignored) are written there atomically
+    (overwritten on every run). Single-process only (no gathering across ranks).
+
+    Args:
+        labels: label values to evaluate (background excluded); default: the non-zero values present in
+            either map of each pair.
+        output_dir: folder of the CSV/JSON files; ``None`` writes nothing.
+        prefix: prefix of the extra ``engine.state.metrics`` keys.
+        output_transform: applied to ``engine.state.output`` first.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | None = None,
+        output_dir: str | os.PathLike | None = None,
+        prefix: str = "val_",
+        output_transform: Callable = lambda x: x,
+    ) -> None:
+        if labels is not None and (len(labels) == 0 or 0 in labels):
+            raise ValueError(f"labels must be a non-empty sequence of non-background label values, got {labels}")
+        self.labels = None if labels is None else [int(v) for v in labels]
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.prefix = prefix
+        self.rows: list[dict[str, Any]] = []
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self.rows = []
+
+    def iteration_completed(self, engine: Any) -> None:
+        self.update(self._output_transform(engine.state.output))
+
+    def _overlap(self, warped: torch.Tensor, target: torch.Tensor, labels: list[int], suffix: str) -> dict[str, float]:
+        """Dice and HD95 per label of two ``(1, 1, *spatial)`` integer maps."""
+        values = torch.tensor(labels, device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
+        pred, ref = (warped.round().long() == values), (target.round().long() == values)
+        dice = compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=False)[0].cpu().double()
+        in_pred, in_ref = pred.flatten(2).any(-1)[0].cpu(), ref.flatten(2).any(-1)[0].cpu()
+        dice[~in_pred & ~in_ref] = math.nan
+        hd95 = torch.full((len(labels),), math.nan, dtype=torch.float64)
+        both = in_pred & in_ref
+        if both.any():
+            hd95[both] = compute_hausdorff_distance(pred[:, both].float(), ref[:, both].float(), include_background=True, percentile=95)[0].cpu().double()
+        row = {f"dice{suffix}": _nan_mean(dice), f"hd95{suffix}": _nan_mean(hd95)}
+        if not suffix:
+            row.update({f"dice_label_{label}": float(d) for label, d in zip(labels, dice)})
+        return row
+
+    def _pair_row(self, item: Mapping[str, Any], index: int) -> dict[str, Any]:
+        def batched(key: str) -> torch.Tensor | None:
+            value = item.get(key)
+            return value.unsqueeze(0) if isinstance(value, torch.Tensor) else None
+
+        row: dict[str, Any] = {}
+        for side in ("moving", "fixed"):
+            name = item.get(f"{side}_name")
+            if name is None and hasattr(item.get(f"{side}_image"), "meta"):
+                name = item[f"{side}_image"].meta.get("filename_or_obj")
+            row[f"{side}_name"] = str(name) if name is not None else f"pair{index}"
+        forward_ddf, inverse_ddf = batched("forward_ddf"), batched("inverse_ddf")
+        if forward_ddf is None:
+            raise ValueError(f"engine output must contain 'forward_ddf', got keys {sorted(item)}")
+        moving_label, fixed_label = batched("moving_label"), batched("fixed_label")
+        if moving_label is not None and fixed_label is not None:
+            labels = self.labels
+            if labels is None:
+                present = torch.cat([moving_label.flatten(), fixed_label.flatten()]).round().long().unique()
+                labels = [int(v) for v in present if v != 0]
+            if labels:
+                for suffix, warped, target in (("", "moving_label_warped", fixed_label), ("_inverse", "fixed_label_warped", moving_label)):
+                    if batched(warped) is None:
+                        raise ValueError(f"engine output has label maps but no {warped!r} (use RegistrationEvalIteration)")
+                    row.update(self._overlap(batched(warped), target, labels, suffix))
+        ddf = forward_ddf.double()
+        row["folding_fraction"] = float(folding_fraction(ddf)[0])
+        row["sdlogj"] = float(sdlogj(ddf)[0])
+        row["ndv"] = float(non_diffeomorphic_volume(ddf)[0]) if ddf.shape[1] == 3 else math.nan
+        if inverse_ddf is not None:
+            consistency = inverse_consistency_error(ddf, inverse_ddf.double())
+            row["ic_mse"], row["ic_max"] = float(consistency["mse"][0]), float(consistency["max"][0])
+        return row
+
+    def update(self, output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Add the pairs of one iteration: a list of per-pair dicts (decollated) or one batched dict."""
+        if isinstance(output, Mapping):
+            size = output["forward_ddf"].shape[0]
+            items = [{k: (v[i] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in output.items()} for i in range(size)]
+        else:
+            items = list(output)
+        with warnings.catch_warnings():
+            # MONAI's metric internals warn about empty channels and a deprecated argument they pass themselves
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            for item in items:
+                self.rows.append(self._pair_row(item, len(self.rows)))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{column: {"mean", "std", "count"}}`` over pairs for every numeric column, NaN/inf ignored."""
+        columns = [c for c in dict.fromkeys(k for row in self.rows for k in row) if not c.endswith("_name")]
+        out = {}
+        for column in columns:
+            values = torch.tensor([row.get(column, math.nan) for row in self.rows], dtype=torch.float64)
+            finite = values[torch.isfinite(values)]
+            out[column] = {
+                "mean": float(finite.mean()) if finite.numel() else math.nan,
+                "std": float(finite.std(unbiased=False)) if finite.numel() else math.nan,
+                "count": int(finite.numel()),
+            }
+        return out
+
+    def compute(self) -> float:
+        if not self.rows:
+            raise ValueError("RegistrationMetrics received no pairs")
+        return self.summary().get("dice", {"mean": math.nan})["mean"]
+
+    def completed(self, engine: Any, name: str) -> None:
+        super().completed(engine, name)
+        summary = self.summary()
+        for column, stats in summary.items():
+            if not column.startswith("dice_label_"):
+                engine.state.metrics[f"{self.prefix}{column}"] = stats["mean"]
+        if self.output_dir is not None:
+            self.write(self.output_dir, summary)
+
+    def write(self, output_dir: str | os.PathLike, summary: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        """Write ``per_pair.csv``, ``summary.csv`` and ``summary.json`` into ``output_dir`` (atomic renames)."""
+        output_dir = Path(output_dir)
+        summary = self.summary() if summary is None else summary
+        fields = list(dict.fromkeys(k for row in self.rows for k in row))
+
+        def per_pair(stream):
+            writer = csv.DictWriter(stream, fieldnames=fields, restval="nan")
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+        def summary_csv(stream):
+            writer = csv.writer(stream)
+            writer.writerow(["metric", "mean", "std", "count"])
+            writer.writerows([c, s["mean"], s["std"], s["count"]] for c, s in summary.items())
+
+        _atomic_write(output_dir / "per_pair.csv", per_pair)
+        _atomic_write(output_dir / "summary.csv", summary_csv)
+        strict = {c: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()} for c, s in summary.items()}
+        payload = {"num_pairs": len(self.rows), "metrics": strict}  # non-finite -> null (strict JSON)
+        _atomic_write(output_dir / "summary.json", lambda stream: json.dump(payload, stream, indent=2))

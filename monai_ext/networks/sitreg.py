@@ -1,0 +1,554 @@
+"""SITReg: symmetric, inverse consistent and topology preserving multi-resolution registration network.
+
+Honkamaa & Marttinen, "SITReg: Multi-resolution architecture for symmetric, inverse consistent, and
+topology preserving image registration", MELBA 2024 (doi 10.59275/j.melba.2024-276b).
+
+Conventions (those of ``monai_ext.spatial.sampling``): images ``(B, C, *spatial)`` with 2 or 3 spatial
+dims; every deformation is a voxel DDF ``(B, n, *spatial)`` on the full-resolution input grid, channel
+``i`` along spatial axis ``i``, multilinear between voxel centres and border-replicated outside. The
+*moving* image is image 1 and the *fixed* image is image 2 of the paper: the forward DDF ``u_f`` maps
+fixed-grid voxels into the moving image (``warp(moving, u_f)`` resembles ``fixed``), the inverse DDF
+``u_i`` maps moving-grid voxels into the fixed image, and ``u_i`` is the inverse of ``u_f`` up to the
+fixed-point tolerance and linear resampling.
+
+Algorithm (all geometry in voxel units): a shared ResNet-style encoder gives features at levels
+``k = 0`` (full resolution) .. ``L - 1`` (each level ceil-halves the shape; level-``k`` voxel ``j`` is
+centred at full-resolution coordinate ``2^k j + (2^k - 1) / 2``). From the coarsest level to the finest,
+the features of both images are warped to their common mid-space by the chains ``Aff_f o L_f`` and
+``Aff_i o R_f`` and a deformation block predicts two bounded cubic B-spline fields ``A_fwd = U(f1, f2)``
+and ``A_rev = U(f2, f1)``; the half-way updates ``F = A_fwd o A_rev^-1`` and ``I = A_rev o A_fwd^-1`` are
+exact inverses of each other and enter four full-resolution chains::
+
+    L_f <- L_f o F,   R_f <- R_f o I,   L_i <- I o L_i,   R_i <- F o R_i
+    phi_f = Aff_f o L_f o R_i o Aff_f,   phi_i = Aff_i o R_f o L_i o Aff_i
+
+Swapping the two images swaps every ``U(f1, f2)`` with ``U(f2, f1)`` and therefore ``phi_f`` with
+``phi_i`` exactly (bit for bit). Levels whose deformation settings are ``None`` only provide features
+(e.g. for the affine stage); the level index is the resolution index itself (the reference's HEAD
+mis-indexes outputs in that case, spec section 12.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from monai_ext.spatial.affine import affine_matrix_from_parameters
+from monai_ext.spatial.bspline import bspline_upsample, control_point_bound
+from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_centered_normalized
+from monai_ext.spatial.inversion import AndersonSolver, DDFInversion
+from monai_ext.spatial.sampling import sample, voxel_grid
+
+__all__ = [
+    "SITRegEncoder",
+    "SITRegDeformationBlock",
+    "SITRegAffineHead",
+    "SITRegLevel",
+    "SITRegOutput",
+    "SITReg",
+]
+
+
+def _conv_block(
+    spatial_dims: int, in_channels: int, out_channels: int, n_convolutions: int, groups: int | None
+) -> nn.Sequential:
+    """``n_convolutions`` x [3^n conv (zero padding 1, bias) -> GroupNorm(groups) if ``groups`` -> ReLU]."""
+    norm = ("group", {"num_groups": groups}) if groups else None
+    return nn.Sequential(
+        *(
+            Convolution(
+                spatial_dims,
+                in_channels if j == 0 else out_channels,
+                out_channels,
+                kernel_size=3,
+                padding=1,
+                act="relu",
+                norm=norm,
+                adn_ordering="NA" if groups else "A",
+            )
+            for j in range(n_convolutions)
+        )
+    )
+
+
+def _pad_odd_to_even(x: torch.Tensor) -> torch.Tensor:
+    """Append one zero at the end of every odd-sized spatial axis (so that ``ceil(N / 2)`` voxels remain)."""
+    pads: list[int] = []
+    for size in reversed(x.shape[2:]):
+        pads += [0, size % 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+class _DownsamplingBlock(nn.Module):
+    """Encoder level ``i + 1``: ``main = conv_k2s2(out) + conv_1x1(avgpool_2(skip))``, then a conv block."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, n_convolutions: int, groups: int):
+        super().__init__()
+        self.strided_conv = Convolution(
+            spatial_dims, in_channels, out_channels, strides=2, kernel_size=2, padding=0, conv_only=True
+        )
+        self.skip_projection = Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, conv_only=True)
+        self.block = _conv_block(spatial_dims, out_channels, out_channels, n_convolutions, groups)
+        self._avg_pool = (F.avg_pool2d, F.avg_pool3d)[spatial_dims - 2]
+
+    def forward(self, out: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(features, skip)`` of the next level, shapes ceil-halved."""
+        main = self.strided_conv(_pad_odd_to_even(out)) + self.skip_projection(
+            self._avg_pool(_pad_odd_to_even(skip), 2)
+        )
+        return self.block(main), main
+
+
+class SITRegEncoder(nn.Module):
+    """Shared multi-resolution feature extractor of SITReg (ResNet-style encoder, no decoder).
+
+    ``skip = conv_1x1(image)``, level 0 = conv block(skip); level ``i >= 1``: odd axes are zero padded at
+    the end, ``main = conv_k2s2(features) + conv_1x1(avgpool_2(skip))``, ``skip = main``, level ``i`` =
+    conv block(main). Conv blocks are ``n`` x [3^n conv -> GroupNorm(groups) -> ReLU] (MONAI ``Convolution``).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of one image.
+        features: channels per level, finest first.
+        convolutions: 3^n convolutions per level.
+        groups: GroupNorm groups.
+
+    ``forward(x)``: ``x`` ``(B, in_channels, *spatial)`` -> list of level features, finest first,
+    level ``k`` of shape ``(B, features[k], *ceil(spatial / 2^k))``. GroupNorm is per sample, so both
+    images of a pair can share one batch.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        features: Sequence[int],
+        convolutions: Sequence[int],
+        groups: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(features) != len(convolutions) or not features:
+            raise ValueError(
+                f"features and convolutions must be non-empty and of equal length, got {features} and {convolutions}"
+            )
+        self.initial_projection = Convolution(spatial_dims, in_channels, features[0], kernel_size=1, conv_only=True)
+        self.initial_block = _conv_block(spatial_dims, features[0], features[0], convolutions[0], groups)
+        self.down_blocks = nn.ModuleList(
+            _DownsamplingBlock(spatial_dims, features[i], features[i + 1], convolutions[i + 1], groups)
+            for i in range(len(features) - 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skip = self.initial_projection(x)
+        out = self.initial_block(skip)
+        levels = [out]
+        for block in self.down_blocks:
+            out, skip = block(out, skip)
+            levels.append(out)
+        return levels
+
+
+class SITRegDeformationBlock(nn.Module):
+    """Deformation-from-features block ``U(a, b)`` of one level.
+
+    ``pre_tanh = conv_1x1(conv block(cat(a - b, a + b)))`` (``n_dims`` output channels), and the cubic
+    B-spline control points are ``max_control_point * tanh(pre_tanh)`` in level voxel units, where
+    ``max_control_point`` = multiplier x the bound that keeps the upsampled field a contraction
+    (so ``x + u(x)`` is invertible and its fixed-point inversion converges).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: feature channels ``C_k`` of one image at this level.
+        features: channels of the conv block.
+        convolutions: number of 3^n convolutions.
+        upsampling_factor: ``2^k``, the level's downsampling factor (same on every axis).
+        groups: GroupNorm groups inside the conv block, ``None`` for no normalisation.
+        control_point_multiplier: fraction of the theoretical bound used (0.99 in the paper).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        features: int,
+        convolutions: int,
+        upsampling_factor: int,
+        groups: int | None = None,
+        control_point_multiplier: float = 0.99,
+    ) -> None:
+        super().__init__()
+        self.block = _conv_block(spatial_dims, 2 * in_channels, features, convolutions, groups)
+        self.final_conv = Convolution(spatial_dims, features, spatial_dims, kernel_size=1, conv_only=True)
+        self.upsampling_factor = int(upsampling_factor)
+        factors = (self.upsampling_factor,) * spatial_dims
+        self.max_control_point = float(control_point_multiplier) * float(control_point_bound(factors))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Pre-tanh control-point values ``(B, n, *level_shape)`` of ``U(a, b)`` (features ``(B, C_k, *level_shape)``).
+
+        ``U(b, a)`` sees ``b + a``, bit-identical to ``a + b`` (floating-point addition is commutative), and
+        ``b - a = -(a - b)`` exactly, which makes the network exactly symmetric.
+        """
+        return self.final_conv(self.block(torch.cat((a - b, a + b), dim=1)))
+
+    def control_points(self, pre_tanh: torch.Tensor) -> torch.Tensor:
+        """Bounded control points ``max_control_point * tanh(pre_tanh)`` (level voxel units)."""
+        return self.max_control_point * torch.tanh(pre_tanh)
+
+    def upsample(self, control_points: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """Full-resolution voxel DDF ``(B, n, *spatial_shape)`` of the cubic B-spline with these control points."""
+        factors = (self.upsampling_factor,) * (control_points.ndim - 2)
+        return bspline_upsample(control_points, factors, spatial_shape)
+
+
+class SITRegAffineHead(nn.Module):
+    """Affine parameters ``U(a, b)`` from flattened coarsest features: Linear-ReLU-Linear-ReLU-Linear.
+
+    Input ``cat(flatten(a - b), flatten(a + b))`` of width ``2 * in_features``; output ``(B, 12)`` (3-D)
+    or ``(B, 6)`` (2-D) parameters for :func:`monai_ext.spatial.affine.affine_matrix_from_parameters`
+    (centred-normalised world coordinates). Both hidden layers are chained as in the paper's code
+    (the reference HEAD applies only the second one, spec section 12.2).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_features: ``C * prod(coarsest level shape)`` of one image.
+    """
+
+    def __init__(self, spatial_dims: int, in_features: int) -> None:
+        super().__init__()
+        width = 2 * in_features
+        n_params = {2: 6, 3: 12}[spatial_dims]
+        self.mlp = nn.Sequential(
+            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n_params)
+        )
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.flatten(1), b.flatten(1)
+        return self.mlp(torch.cat((a - b, a + b), dim=1))
+
+
+@dataclass
+class SITRegLevel:
+    """Quantities of one predicting level (``level`` = resolution index, 0 finest), for inspection/parity.
+
+    Level-shaped tensors are ``(B, ., *level_shape)``; every DDF is a full-resolution voxel DDF. Chains are
+    stored after this level's update; the cumulative DDFs are the outputs if the network stopped here.
+    """
+
+    level: int
+    warped_features_1: torch.Tensor
+    warped_features_2: torch.Tensor
+    pre_tanh_fwd: torch.Tensor
+    pre_tanh_rev: torch.Tensor
+    control_points_fwd: torch.Tensor
+    control_points_rev: torch.Tensor
+    atomic_fwd: torch.Tensor  # A_fwd = U(f1, f2) upsampled
+    atomic_rev: torch.Tensor  # A_rev = U(f2, f1) upsampled
+    atomic_fwd_inverse: torch.Tensor
+    atomic_rev_inverse: torch.Tensor
+    update_fwd: torch.Tensor  # F = A_fwd o A_rev^-1 on the grid
+    update_inv: torch.Tensor  # I = A_rev o A_fwd^-1 on the grid
+    left_forward: torch.Tensor  # L_f
+    right_forward: torch.Tensor  # R_f
+    left_inverse: torch.Tensor  # L_i
+    right_inverse: torch.Tensor  # R_i
+    cumulative_forward_ddf: torch.Tensor
+    cumulative_inverse_ddf: torch.Tensor
+
+
+@dataclass
+class SITRegOutput:
+    """Result of :meth:`SITReg.forward_and_inverse` with ``return_intermediates=True``.
+
+    ``forward_affine`` / ``inverse_affine`` are the half-way affine maps ``Aff_f`` / ``Aff_i`` as
+    ``(B, n + 1, n + 1)`` voxel-to-voxel matrices (``None`` without the affine stage); ``levels`` is
+    ordered as processed (coarsest first).
+    """
+
+    forward_ddf: torch.Tensor
+    inverse_ddf: torch.Tensor
+    forward_affine: torch.Tensor | None
+    inverse_affine: torch.Tensor | None
+    levels: list[SITRegLevel]
+
+
+def _apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``matrix`` ``(B, n + 1, n + 1)`` applied to voxel coordinates ``points`` ``(B|1, n, *out)``."""
+    n = matrix.shape[1] - 1
+    flat = points.reshape(points.shape[0], n, -1)
+    mapped = matrix[:, :n, :n] @ flat + matrix[:, :n, n:]
+    return mapped.reshape(matrix.shape[0], n, *points.shape[2:])
+
+
+def _chain(points: torch.Tensor, disp: torch.Tensor | None, maps: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Displacement at ``points`` of ``maps[-1] o ... o maps[0] o (x + disp)``, evaluated lazily (nested).
+
+    ``points`` ``(1|B, n, *out)`` voxel coordinates; ``disp`` the displacement already applied (``None``:
+    none); each map is a full-resolution voxel DDF ``(B, n, *spatial)`` (sampled multilinearly, border),
+    a voxel affine ``(B, n + 1, n + 1)``, or ``None`` (identity, skipped).
+    """
+    for m in maps:
+        if m is None:
+            continue
+        if m.ndim == 3:
+            current = points if disp is None else points + disp
+            disp = _apply_affine(m, current) - points
+        else:
+            step = sample(m, points if disp is None else points + disp)
+            disp = step if disp is None else disp + step
+    if disp is None:
+        raise ValueError("cannot evaluate an identity chain")
+    return disp
+
+
+class SITReg(nn.Module):
+    """SITReg network: ``forward(x)`` with ``x = cat(moving, fixed)`` on channels -> forward voxel DDF.
+
+    Args (reference config key in brackets):
+        spatial_dims: 2 or 3 (``len(input_shape)``).
+        in_channels: channels of one image (``n_input_channels``).
+        features: encoder channels per level, finest first (``n_features_per_resolution``).
+        feature_convolutions: 3^n convs per encoder level (``n_feature_convolutions_per_resolution``).
+        deformation_features: deformation-block channels per level, ``None`` for a feature-only level
+            (``n_transformation_features_per_resolution``).
+        deformation_convolutions: deformation-block convs per level, ``None`` exactly where
+            ``deformation_features`` is ``None`` (``n_transformation_convolutions_per_resolution``).
+        groups: GroupNorm groups (``normalizer.args.n_groups``).
+        deformation_normalization: GroupNorm inside deformation blocks
+            (``use_normalization_in_deformation_extraction``; false in the paper configs).
+        control_point_multiplier: fraction of the B-spline control-point bound (``max_control_point_multiplier``).
+        predict_affine: add the affine stage on the coarsest features (``predict_affine``; full affine).
+        input_shape: image shape; required with ``predict_affine`` (it fixes the affine MLP width) and
+            then enforced, otherwise unused (``input_shape``).
+        voxel_size: relative voxel size, used only by the affine stage's centred-normalised world
+            frame (``voxel_size``; default isotropic).
+        forward_solver, backward_solver: fixed-point solvers of the deformation inversions
+            (``displacement_field_inversion``); ``None`` = Anderson(memory 4) with max-abs / relative-L2
+            residual 1e-2, 2..50 evaluations, as in all reference configs.
+
+    ``transformation_downsampling_factor`` is 1 in every reference config and is not a parameter: all
+    deformations live on the input grid. Inputs of any shape whose every axis exceeds ``2^(L - 2)``
+    (so each level really halves it) are accepted.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        features: Sequence[int] = (8, 40, 40, 40),
+        feature_convolutions: Sequence[int] = (2, 2, 2, 2),
+        deformation_features: Sequence[int | None] = (16, 72, 72, 72),
+        deformation_convolutions: Sequence[int | None] = (2, 2, 2, 2),
+        groups: int = 2,
+        deformation_normalization: bool = False,
+        control_point_multiplier: float = 0.99,
+        predict_affine: bool = False,
+        input_shape: Sequence[int] | None = None,
+        voxel_size: Sequence[float] | None = None,
+        forward_solver: AndersonSolver | None = None,
+        backward_solver: AndersonSolver | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        n_levels = len(features)
+        for name, values in (
+            ("feature_convolutions", feature_convolutions),
+            ("deformation_features", deformation_features),
+            ("deformation_convolutions", deformation_convolutions),
+        ):
+            if len(values) != n_levels:
+                raise ValueError(f"{name} must have one entry per level ({n_levels} = len(features)), got {values}")
+        for level, (f, c) in enumerate(zip(deformation_features, deformation_convolutions)):
+            if (f is None) != (c is None):
+                raise ValueError(
+                    f"deformation_features and deformation_convolutions must both be None or both set, level {level}"
+                )
+        if all(f is None for f in deformation_features):
+            raise ValueError("at least one level must predict a deformation (deformation_features all None)")
+        for name, values in (("features", features), ("deformation_features", deformation_features)):
+            if name == "deformation_features" and not deformation_normalization:
+                continue
+            if any(v is not None and v % groups for v in values):
+                raise ValueError(f"every entry of {name} must be divisible by groups={groups}, got {values}")
+        if not 0 < control_point_multiplier <= 1:
+            raise ValueError(f"control_point_multiplier must be in (0, 1], got {control_point_multiplier}")
+        if voxel_size is not None and (len(voxel_size) != spatial_dims or min(voxel_size) <= 0):
+            raise ValueError(f"voxel_size must have {spatial_dims} positive entries, got {voxel_size}")
+        if input_shape is not None and len(input_shape) != spatial_dims:
+            raise ValueError(f"input_shape must have {spatial_dims} entries, got {input_shape}")
+        if predict_affine and input_shape is None:
+            raise ValueError("input_shape is required with predict_affine=True (it fixes the affine MLP width)")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.n_levels = n_levels
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.voxel_size = (1.0,) * spatial_dims if voxel_size is None else tuple(float(v) for v in voxel_size)
+        self.encoder = SITRegEncoder(spatial_dims, in_channels, features, feature_convolutions, groups)
+        self.deformation_blocks = nn.ModuleDict(
+            {
+                str(level): SITRegDeformationBlock(
+                    spatial_dims,
+                    features[level],
+                    deformation_features[level],
+                    deformation_convolutions[level],
+                    2**level,
+                    groups if deformation_normalization else None,
+                    control_point_multiplier,
+                )
+                for level in range(n_levels)
+                if deformation_features[level] is not None
+            }
+        )
+        self.affine_head = None
+        if predict_affine:
+            coarsest = self.level_shapes(self.input_shape)[-1]
+            self.affine_head = SITRegAffineHead(spatial_dims, features[-1] * int(torch.tensor(coarsest).prod()))
+        self.inversion = DDFInversion(forward_solver, backward_solver)
+
+    @property
+    def deformation_levels(self) -> list[int]:
+        """Resolution indices (0 finest) of the levels that predict a deformation, ascending."""
+        return sorted(int(k) for k in self.deformation_blocks)
+
+    def level_shapes(self, spatial_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Spatial shape of every level, finest first (iterated ceil-halving)."""
+        shapes = [tuple(int(s) for s in spatial_shape)]
+        for _ in range(self.n_levels - 1):
+            shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
+        return shapes
+
+    def _check_images(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        for name, image in (("moving", moving), ("fixed", fixed)):
+            if not isinstance(image, torch.Tensor) or image.ndim != self.spatial_dims + 2:
+                raise ValueError(
+                    f"{name} must be a (B, {self.in_channels}, *spatial) tensor with {self.spatial_dims} spatial dims, "
+                    f"got {tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}"
+                )
+            if image.shape[1] != self.in_channels:
+                raise ValueError(f"{name} must have in_channels={self.in_channels} channels, got {image.shape[1]}")
+            if not image.is_floating_point():
+                raise ValueError(f"{name} must be a floating point tensor, got {image.dtype}")
+        if moving.shape != fixed.shape:
+            raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
+        shape = tuple(moving.shape[2:])
+        min_size = 2 ** (self.n_levels - 2) if self.n_levels > 1 else 0
+        if min(shape) <= min_size:
+            raise ValueError(
+                f"spatial shape {shape} is too small for {self.n_levels} levels: every axis must exceed "
+                f"2^(n_levels - 2) = {min_size} so that each level halves it"
+            )
+        if self.affine_head is not None and shape != self.input_shape:
+            raise ValueError(f"spatial shape {shape} differs from input_shape {self.input_shape} of the affine stage")
+
+    def _affine_stage(
+        self, features_1: torch.Tensor, features_2: torch.Tensor, spatial_shape: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-way affines ``(Aff_f, Aff_i)`` as voxel matrices; ``Aff_i`` is the exact inverse of ``Aff_f``."""
+        a_fwd = affine_matrix_from_parameters(self.affine_head(features_1, features_2))
+        a_rev = affine_matrix_from_parameters(self.affine_head(features_2, features_1))
+        world_fwd = a_fwd @ invert_homogeneous(a_rev)
+        world_inv = a_rev @ invert_homogeneous(a_fwd)
+        to_world = voxel_to_centered_normalized(spatial_shape, self.voxel_size, a_fwd.dtype, a_fwd.device)
+        to_voxel = invert_homogeneous(to_world)
+        return to_voxel @ world_fwd @ to_world, to_voxel @ world_inv @ to_world
+
+    def _warp_features(
+        self, features: torch.Tensor, level: int, chain: torch.Tensor | None, affine: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Sample level features through ``affine o chain`` at the level's voxel centres (identity: unchanged)."""
+        if chain is None and affine is None:
+            return features
+        factor = 2**level
+        centres = voxel_grid(features.shape[2:], features.dtype, features.device)[None] * factor + (factor - 1) / 2
+        mapped = centres + _chain(centres, None, (chain, affine))
+        return sample(features, (mapped + 0.5) / factor - 0.5)
+
+    def _outputs(
+        self,
+        chains: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        affines: tuple[torch.Tensor | None, torch.Tensor | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``phi_f = Aff_f o L_f o R_i o Aff_f`` and ``phi_i = Aff_i o R_f o L_i o Aff_i`` on the grid."""
+        left_f, right_f, left_i, right_i = chains
+        aff_f, aff_i = affines
+        grid = voxel_grid(left_f.shape[2:], left_f.dtype, left_f.device)[None]
+        if aff_f is None:
+            return _chain(grid, right_i, (left_f,)), _chain(grid, left_i, (right_f,))
+        return (
+            _chain(grid, None, (aff_f, right_i, left_f, aff_f)),
+            _chain(grid, None, (aff_i, left_i, right_f, aff_i)),
+        )
+
+    def forward_and_inverse(
+        self, moving: torch.Tensor, fixed: torch.Tensor, return_intermediates: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | SITRegOutput:
+        """Register ``moving`` (image 1) and ``fixed`` (image 2), both ``(B, in_channels, *spatial)``.
+
+        Returns:
+            ``(forward_ddf, inverse_ddf)``, voxel DDFs ``(B, n, *spatial)``: ``forward_ddf`` maps fixed-grid
+            voxels into the moving image (``warp(moving, forward_ddf)`` ~ ``fixed``), ``inverse_ddf`` the
+            reverse. With ``return_intermediates`` a :class:`SITRegOutput` that also holds the affine
+            matrices and every level's quantities.
+        """
+        self._check_images(moving, fixed)
+        spatial_shape = tuple(moving.shape[2:])
+        batch = moving.shape[0]
+        features = self.encoder(torch.cat((moving, fixed), dim=0))
+        affines: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if self.affine_head is not None:
+            affines = self._affine_stage(features[-1][:batch], features[-1][batch:], spatial_shape)
+        aff_f, aff_i = affines
+        left_f = right_f = left_i = right_i = None
+        grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]
+        levels: list[SITRegLevel] = []
+        for level in reversed(self.deformation_levels):
+            block = self.deformation_blocks[str(level)]
+            warped_1 = self._warp_features(features[level][:batch], level, left_f, aff_f)
+            warped_2 = self._warp_features(features[level][batch:], level, right_f, aff_i)
+            pre_fwd, pre_rev = block(warped_1, warped_2), block(warped_2, warped_1)
+            points_fwd, points_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
+            atomic_fwd = block.upsample(points_fwd, spatial_shape)
+            atomic_rev = block.upsample(points_rev, spatial_shape)
+            inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
+            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
+            update_fwd = _chain(grid, inverse_rev, (atomic_fwd,))
+            update_inv = _chain(grid, inverse_fwd, (atomic_rev,))
+            left_f = update_fwd if left_f is None else _chain(grid, update_fwd, (left_f,))
+            right_f = update_inv if right_f is None else _chain(grid, update_inv, (right_f,))
+            left_i = update_inv if left_i is None else _chain(grid, left_i, (inverse_fwd, atomic_rev))
+            right_i = update_fwd if right_i is None else _chain(grid, right_i, (inverse_rev, atomic_fwd))
+            if return_intermediates:
+                cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
+                levels.append(
+                    SITRegLevel(
+                        level, warped_1, warped_2, pre_fwd, pre_rev, points_fwd, points_rev, atomic_fwd, atomic_rev,
+                        inverse_fwd, inverse_rev, update_fwd, update_inv, left_f, right_f, left_i, right_i,
+                        *cumulative,
+                    )
+                )  # fmt: skip
+        if levels:
+            forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
+        else:
+            forward_ddf, inverse_ddf = self._outputs((left_f, right_f, left_i, right_i), affines)
+        if return_intermediates:
+            return SITRegOutput(forward_ddf, inverse_ddf, aff_f, aff_i, levels)
+        return forward_ddf, inverse_ddf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` = ``cat(moving, fixed)`` on channels, ``(B, 2 * in_channels, *spatial)`` -> forward DDF ``(B, n, *spatial)``.
+
+        The DDF maps fixed-grid voxels into the moving image (MONAI ``Warp`` convention).
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2 or x.shape[1] != 2 * self.in_channels:
+            raise ValueError(
+                f"x must be cat(moving, fixed) of shape (B, {2 * self.in_channels}, *spatial) with "
+                f"{self.spatial_dims} spatial dims, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        return self.forward_and_inverse(x[:, : self.in_channels], x[:, self.in_channels :])[0]
