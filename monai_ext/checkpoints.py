@@ -21,25 +21,31 @@ __all__ = ["sitreg_from_reference_config", "convert_sitreg_state_dict", "load_si
 
 _DEFORMATION_PREFIX = "_not_none_dense_extration_networks"  # sic, the reference's attribute name
 
+_WB = r"(weight|bias)"
+_ENCODER = r"_feature_extractor\."
+_DOWN = _ENCODER + r"downsampling_blocks\.(\d+)\."
+_DEFORM = _DEFORMATION_PREFIX + r"\.(\d+)\."
+_AFFINE = r"_affine_extraction_network\."
+
 # (reference key pattern, our key template); "{level}" is filled from the deformation-block index
 _SITREG_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(pattern), template)
     for pattern, template in (
-        (r"_feature_extractor\.initial_projection\.(weight|bias)", r"encoder.initial_projection.conv.\1"),
-        (r"_feature_extractor\.initial_convs\.convolutions\.(\d+)\.conv\.(weight|bias)", r"encoder.initial_block.\1.conv.\2"),
-        (r"_feature_extractor\.initial_convs\.normalizers\.(\d+)\.(weight|bias)", r"encoder.initial_block.\1.adn.N.\2"),
-        (r"_feature_extractor\.downsampling_blocks\.(\d+)\.downsampling\.conv\.(weight|bias)", r"encoder.down_blocks.\1.strided_conv.conv.\2"),
-        (r"_feature_extractor\.downsampling_blocks\.(\d+)\.projection\.conv\.(weight|bias)", r"encoder.down_blocks.\1.skip_projection.conv.\2"),
-        (r"_feature_extractor\.downsampling_blocks\.(\d+)\.conv\.convolutions\.(\d+)\.conv\.(weight|bias)", r"encoder.down_blocks.\1.block.\2.conv.\3"),
-        (r"_feature_extractor\.downsampling_blocks\.(\d+)\.conv\.normalizers\.(\d+)\.(weight|bias)", r"encoder.down_blocks.\1.block.\2.adn.N.\3"),
-        (_DEFORMATION_PREFIX + r"\.(\d+)\.convolutions\.convolutions\.(\d+)\.conv\.(weight|bias)", r"deformation_blocks.{level}.block.\2.conv.\3"),
-        (_DEFORMATION_PREFIX + r"\.(\d+)\.convolutions\.normalizers\.(\d+)\.(weight|bias)", r"deformation_blocks.{level}.block.\2.adn.N.\3"),
-        (_DEFORMATION_PREFIX + r"\.(\d+)\.final_convolution\.conv\.(weight|bias)", r"deformation_blocks.{level}.final_conv.conv.\2"),
-        (r"_affine_extraction_network\.linears\.0\.(weight|bias)", r"affine_head.mlp.0.\1"),
-        (r"_affine_extraction_network\.linears\.1\.(weight|bias)", r"affine_head.mlp.2.\1"),
-        (r"_affine_extraction_network\.final_linear\.(weight|bias)", r"affine_head.mlp.4.\1"),
+        (_ENCODER + r"initial_projection\." + _WB, r"encoder.initial_projection.conv.\1"),
+        (_ENCODER + r"initial_convs\.convolutions\.(\d+)\.conv\." + _WB, r"encoder.initial_block.\1.conv.\2"),
+        (_ENCODER + r"initial_convs\.normalizers\.(\d+)\." + _WB, r"encoder.initial_block.\1.adn.N.\2"),
+        (_DOWN + r"downsampling\.conv\." + _WB, r"encoder.down_blocks.\1.strided_conv.conv.\2"),
+        (_DOWN + r"projection\.conv\." + _WB, r"encoder.down_blocks.\1.skip_projection.conv.\2"),
+        (_DOWN + r"conv\.convolutions\.(\d+)\.conv\." + _WB, r"encoder.down_blocks.\1.block.\2.conv.\3"),
+        (_DOWN + r"conv\.normalizers\.(\d+)\." + _WB, r"encoder.down_blocks.\1.block.\2.adn.N.\3"),
+        (_DEFORM + r"convolutions\.convolutions\.(\d+)\.conv\." + _WB, r"deformation_blocks.{level}.block.\2.conv.\3"),
+        (_DEFORM + r"convolutions\.normalizers\.(\d+)\." + _WB, r"deformation_blocks.{level}.block.\2.adn.N.\3"),
+        (_DEFORM + r"final_convolution\.conv\." + _WB, r"deformation_blocks.{level}.final_conv.conv.\2"),
+        (_AFFINE + r"linears\.0\." + _WB, r"affine_head.mlp.0.\1"),
+        (_AFFINE + r"linears\.1\." + _WB, r"affine_head.mlp.2.\1"),
+        (_AFFINE + r"final_linear\." + _WB, r"affine_head.mlp.4.\1"),
     )
-)  # fmt: skip
+)
 
 
 _STOP_CRITERIA = {"MaxElementWiseAbsStopCriterion": MaxAbsResidual, "RelativeL2ErrorStopCriterion": RelativeL2Residual}

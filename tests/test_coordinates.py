@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_npz
 
+from monai_ext.spatial.affine import transform_points as _transform_points
 from monai_ext.spatial.coordinates import (
     centered_normalized_spacing,
     change_frames,
@@ -20,7 +21,6 @@ from monai_ext.spatial.coordinates import (
     voxel_to_normalized,
     voxel_to_world,
 )
-from monai_ext.spatial.affine import transform_points as _transform_points
 from monai_ext.spatial.sampling import affine_to_ddf, sample, voxel_grid
 
 F64 = torch.float64
@@ -191,15 +191,10 @@ def test_realworld_grids_points_and_warp_from_voxel_to_world_matrices():
         torch.testing.assert_close(grid, torch.from_numpy(data[f"{name}/grid"]).to(F64), rtol=0, atol=2e-6)
         warped = sample(img_m.to(F64), moving_voxels.transpose(1, 2).reshape(1, 3, *shape_f))
         torch.testing.assert_close(warped, torch.from_numpy(data[f"{name}/warped"]).to(F64), rtol=0, atol=2e-6)
-        # moving keypoints (normalised) -> moving mm -> fixed mm -> fixed normalised
-        to_fixed = (
-            norm_f
-            @ change_frames(
-                torch.from_numpy(data[f"{name}/transform_matrix"]).to(F64),
-                invert_homogeneous(aff_m),
-                invert_homogeneous(aff_f),
-            )
-            @ invert_homogeneous(norm_m)
+        # moving keypoints: normalised -> moving mm -> (transform_matrix) fixed mm -> fixed normalised
+        moving_to_fixed_mm = torch.from_numpy(data[f"{name}/transform_matrix"]).to(F64)
+        to_fixed = change_frames(
+            moving_to_fixed_mm, norm_m @ invert_homogeneous(aff_m), norm_f @ invert_homogeneous(aff_f)
         )
         points_a = transform_points(to_fixed, torch.from_numpy(data["points_m"]).to(F64))
         torch.testing.assert_close(points_a, torch.from_numpy(data[f"{name}/points_a"]).to(F64), rtol=0, atol=2e-6)
@@ -212,6 +207,14 @@ def test_realworld_grids_points_and_warp_from_voxel_to_world_matrices():
         if name == "affine":
             normal = residual.transpose(1, 2) @ fixed_mm  # (1, 3, 3), terms up to ~1.4 mm * 10 mm * 16
             torch.testing.assert_close(normal, torch.zeros_like(normal), rtol=0, atol=1e-3)
+
+
+def test_invert_homogeneous_matches_inverse_and_is_differentiable():
+    matrix = _random_affine(3, batch=2, strength=0.3, shift=4.0)
+    inverse = invert_homogeneous(matrix)
+    torch.testing.assert_close(inverse, torch.linalg.inv(matrix), rtol=0, atol=1e-12)
+    assert torch.equal(inverse[:, 3], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=F64).expand(2, 4))
+    assert torch.autograd.gradcheck(lambda m: invert_homogeneous(m)[:, :3], (matrix.requires_grad_(),))
 
 
 # ----------------------------------------------------------------------------- physical RAS / LPS ---
@@ -286,11 +289,14 @@ def test_ddf_round_trip(shape, dtype, atol):
 
 
 def test_world_ddf_of_a_known_affine_relation():
-    """Fixed world -> moving world affine T with known matrices: the world DDF at fixed world point p is T p - p."""
+    """The moving scene is the fixed one moved by a known affine S (moving world -> fixed world, mm LPS), so the
+    registration DDF pulls fixed world points p back to T p with T = S^-1 (built as a voxel -> voxel matrix between
+    two oblique grids), and its world displacement must be T p - p."""
     fixed_shape = (7, 6, 5)
     fixed_to_world = voxel_to_world(_oblique_affine(), lps=True)
     moving_to_world = voxel_to_world(_oblique_affine((0.9, 1.1, 1.6), (-0.2, 0.1, 2.0), (3.0, 5.0, -8.0)), lps=True)
-    world_map = _random_affine(3, strength=0.1, shift=5.0)  # T: fixed world -> moving world, mm LPS
+    moving_to_fixed_world = _random_affine(3, strength=0.1, shift=5.0)  # S
+    world_map = invert_homogeneous(moving_to_fixed_world)  # T: fixed world -> moving world
     voxel_map = invert_homogeneous(moving_to_world) @ world_map @ fixed_to_world
     ddf = affine_to_ddf(voxel_map, fixed_shape)
     torch.testing.assert_close(change_frames(voxel_map, fixed_to_world, moving_to_world), world_map)

@@ -194,3 +194,96 @@ def test_iteration_errors_name_the_problem():
         RegistrationTrainIteration()(engine, {"moving_image": torch.zeros(1, 1, 4, 4, 4)})
     with pytest.raises(ValueError, match="labels"):
         RegistrationMetrics(labels=[0, 1])
+
+
+def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
+    """The pieces referenced by ``_target_`` from a train.json-like config: SupervisedTrainer with the
+    project's SymmetricRegistrationLoss, pair dataset + epoch handler, validation with the metrics as key
+    metric (best checkpoint ``model.pt``) and an every-epoch checkpoint holding optimizer and engine state
+    (attached in ``run`` to avoid a trainer <-> handler reference cycle)."""
+    from monai.bundle import ConfigParser
+
+    transform = {"_target_": "monai_ext.data.oasis.oasis_transforms", "crop": None}
+    config = {
+        "device": "$torch.device('cpu')",
+        "dataset_dir": str(oasis_dir),
+        "output_dir": str(tmp_path),
+        "network_def": {"_target_": "test_registration_engine.TinyNet"},
+        "network": "$@network_def.to(@device)",
+        "loss": {
+            "_target_": "monai_ext.losses.symmetric.SymmetricRegistrationLoss",
+            "similarity": {"_target_": "torch.nn.MSELoss"},
+            "regularizers": {"grad": [{"_target_": "monai_ext.losses.regularization.GradientDeformationLoss"}, 0.01]},
+        },
+        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.01},
+        "train": {
+            "dataset": {
+                "_target_": "monai_ext.data.pairs.RegistrationPairDataset",
+                "data": {"_target_": "monai_ext.data.oasis.oasis_cases", "dataset_dir": "@dataset_dir", "division": "all"},
+                "transform": transform,
+                "pairs_per_epoch": 4,
+            },
+            "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": 2},
+            "handlers": [
+                {"_target_": "monai_ext.data.pairs.PairEpochHandler", "dataset": "@train#dataset"},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "interval": 1},
+                {"_target_": "StatsHandler", "tag_name": "train_loss",
+                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"},
+            ],
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "device": "@device",
+                "max_epochs": 2,
+                "train_data_loader": "@train#dataloader",
+                "network": "@network",
+                "optimizer": "@optimizer",
+                "loss_function": "@loss",
+                "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationTrainIteration"},
+                "train_handlers": "@train#handlers",
+            },
+            "checkpoint": {
+                "_target_": "CheckpointSaver",
+                "save_dir": "$@output_dir + '/checkpoints'",
+                "save_dict": {"network": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"},
+                "save_interval": 1,
+                "n_saved": 1,
+            },
+        },
+        "validate": {
+            "dataset": {
+                "_target_": "Dataset",
+                "data": {"_target_": "monai_ext.data.oasis.oasis_pairs", "dataset_dir": "@dataset_dir", "division": "all"},
+                "transform": transform,
+            },
+            "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1},
+            "handlers": [
+                {"_target_": "CheckpointSaver", "save_dir": "@output_dir", "save_dict": {"model": "@network"},
+                 "save_key_metric": True, "key_metric_filename": "model.pt"},
+            ],
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@validate#dataloader",
+                "network": "@network",
+                "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationEvalIteration"},
+                "key_val_metric": {
+                    "val_mean_dice": {"_target_": "monai_ext.engines.registration.RegistrationMetrics",
+                                      "output_dir": "$@output_dir + '/metrics'"}
+                },
+                "val_handlers": "@validate#handlers",
+            },
+        },
+        "run": ["$@train#checkpoint.attach(@train#trainer)", "$@train#trainer.run()"],
+    }
+    parser = ConfigParser(config)
+    parser.get_parsed_content("run")
+    trainer = parser.get_parsed_content("train#trainer")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert trainer.state.epoch == 2 and math.isfinite(float(trainer.state.output[0]["loss"]))
+    assert "forward_similarity" in trainer.state.output[0]
+    assert 0 < evaluator.state.metrics["val_mean_dice"] <= 1 and evaluator.state.best_metric_epoch in (1, 2)
+    assert (tmp_path / "model.pt").is_file()
+    checkpoint = torch.load(next((tmp_path / "checkpoints").glob("*.pt")), weights_only=False)
+    assert {"network", "optimizer", "trainer"} <= set(checkpoint) and checkpoint["trainer"]["epoch"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "metrics" / "per_pair.csv")))
+    assert len(rows) == 3 and rows[0]["moving_name"] == "OASIS_OAS1_0001_MR1"

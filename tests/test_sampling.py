@@ -46,8 +46,11 @@ def test_identity_ddf_reproduces_image(shape, mode):
     atol 1e-14 in float64, 1e-6 in float32); nearest and integer labels exactly."""
     image = torch.randn(2, 3, *shape, dtype=F64)
     zero = torch.zeros(2, len(shape), *shape, dtype=F64)
-    torch.testing.assert_close(warp(image, zero, mode), image, rtol=0, atol=1e-14 if mode == "linear" else 0)
-    torch.testing.assert_close(warp(image.float(), zero.float(), mode), image.float(), rtol=0, atol=1e-6)
+    exact = mode == "nearest"
+    torch.testing.assert_close(warp(image, zero, mode), image, rtol=0, atol=0 if exact else 1e-14)
+    torch.testing.assert_close(
+        warp(image.float(), zero.float(), mode), image.float(), rtol=0, atol=0 if exact else 1e-6
+    )
     labels = torch.randint(0, 9, (2, 1, *shape))
     assert torch.equal(warp(labels, zero.float(), mode), labels)
 
@@ -124,14 +127,12 @@ def test_nearest_warp_keeps_integer_dtype_and_labels(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_warp_of_one_hot_sums_to_one(shape):
-    n = len(shape)
+    """Multilinear weights form a partition of unity, so warped one-hot channels stay a probability vector."""
     labels = torch.randint(0, 4, (2, *shape))
     one_hot = F.one_hot(labels, 4).movedim(-1, 1).float()
     warped = warp(one_hot, _smooth_field(shape, 3.0, batch=2, dtype=torch.float32))
     torch.testing.assert_close(warped.sum(1), torch.ones(2, *shape), rtol=0, atol=1e-5)
     assert warped.min() >= 0 and warped.max() <= 1 + 1e-6
-    zero = warp(one_hot, torch.zeros(2, n, *shape), padding="zeros")
-    torch.testing.assert_close(zero.sum(1), torch.ones(2, *shape), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- composition ---
@@ -179,9 +180,8 @@ def test_compose_of_affine_fields_on_a_ramp_is_exact(shape):
     """Multilinear interpolation reproduces affine functions, so for affine fields and a linear image
     warp(warp(m, outer), inner) == warp(m, compose(outer, inner)) when no read leaves the grid (float64 rounding)."""
     n = len(shape)
-    ramp = (voxel_grid(shape, F64) * torch.tensor([1.0, -2.0, 0.5][:n], dtype=F64).view(n, *([1] * n))).sum(0)[
-        None, None
-    ]
+    slopes = torch.tensor([1.0, -2.0, 0.5][:n], dtype=F64).view(n, *([1] * n))
+    ramp = (voxel_grid(shape, F64) * slopes).sum(0)[None, None]
     outer, inner = affine_to_ddf(_inward_affine(shape), shape), affine_to_ddf(_inward_affine(shape), shape)
     grid = voxel_grid(shape, F64)[None]
     assert _inside(grid + outer, shape) and _inside(grid + inner, shape)
@@ -285,6 +285,8 @@ def test_sample_is_differentiable_with_finite_difference_gradients():
 def test_errors_are_value_errors_naming_the_argument():
     with pytest.raises(ValueError, match="non-finite"):
         check_ddf(torch.tensor(float("nan")).expand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="ddf contains non-finite"):
+        warp(torch.zeros(1, 1, 4, 4), torch.full((1, 2, 4, 4), float("nan")))
     with pytest.raises(ValueError, match="inner contains non-finite"):
         compose(torch.zeros(1, 2, 4, 4), torch.full((1, 2, 4, 4), float("inf")))
     with pytest.raises(ValueError, match=r"ddf must have shape \(B, n, \*spatial\)"):

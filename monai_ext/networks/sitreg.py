@@ -371,11 +371,12 @@ class SITReg(nn.Module):
                 )
         if all(f is None for f in deformation_features):
             raise ValueError("at least one level must predict a deformation (deformation_features all None)")
-        for name, values in (("features", features), ("deformation_features", deformation_features)):
-            if name == "deformation_features" and not deformation_normalization:
-                continue
-            if any(v is not None and v % groups for v in values):
-                raise ValueError(f"every entry of {name} must be divisible by groups={groups}, got {values}")
+        normalized = list(features) + ([f for f in deformation_features if f] if deformation_normalization else [])
+        if groups < 1 or any(channels % groups for channels in normalized):
+            raise ValueError(
+                f"groups={groups} must divide every GroupNorm width (features{' and deformation_features' * deformation_normalization}), "
+                f"got {normalized}"
+            )
         if not 0 < control_point_multiplier <= 1:
             raise ValueError(f"control_point_multiplier must be in (0, 1], got {control_point_multiplier}")
         if voxel_size is not None and (len(voxel_size) != spatial_dims or min(voxel_size) <= 0):

@@ -7,14 +7,16 @@ bounded B-spline fields of SITReg are) the fixed point exists, is unique, and is
 accelerated iteration. The backward pass uses the implicit function theorem, so no autograd graph is
 kept through the iterations and memory does not depend on the iteration count.
 
-Reference: Honkamaa & Marttinen, "Asymmetric image registration with deformation inversion layers"
-(NeurIPS 2023) and "SITReg" (MELBA 2024). MONAI has no fixed-point solver or implicit layer, hence
-the hand-written solver (after Walker & Ni, SIAM J. Numer. Anal. 2011).
+Reference: Honkamaa & Marttinen, "SITReg: Multi-resolution architecture for symmetric, inverse
+consistent, and topology preserving image registration" (MELBA 2024), where the layer was introduced.
+MONAI has no fixed-point solver or implicit layer, hence the hand-written Anderson solver (Walker &
+Ni, SIAM J. Numer. Anal. 2011).
 """
 
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ class ConvergenceWarning(UserWarning):
 
 
 @dataclass
-class StopCriterion:
+class StopCriterion(ABC):
     """Base stop criterion on the fixed-point residual ``g(x) - x`` over the whole (batch) tensor.
 
     With ``n`` the number of evaluations of ``g`` so far: never stop while ``n < min_iterations``,
@@ -61,9 +63,9 @@ class StopCriterion:
                 f"min_iterations must be in [0, max_iterations={self.max_iterations}], got {self.min_iterations}"
             )
 
+    @abstractmethod
     def residual(self, x: torch.Tensor, gx: torch.Tensor) -> float:
         """Size of the residual ``gx - x`` (``gx = g(x)``) compared with ``threshold``."""
-        raise NotImplementedError
 
     def should_stop(self, n_evaluations: int, residual: float) -> bool:
         """Whether to stop after ``n_evaluations`` evaluations whose last residual is ``residual``."""
@@ -111,9 +113,7 @@ class AndersonSolver:
     of the last solve.
     """
 
-    def __init__(
-        self, stop: StopCriterion, memory: int = 4, beta: float = 1.0, matrix_epsilon: float = 1e-4
-    ) -> None:
+    def __init__(self, stop: StopCriterion, memory: int = 4, beta: float = 1.0, matrix_epsilon: float = 1e-4) -> None:
         if not isinstance(stop, StopCriterion):
             raise TypeError(f"stop must be a StopCriterion, got {type(stop).__name__}")
         if memory < 1:
@@ -253,7 +253,7 @@ def invert_ddf(
     Only ``ddf`` and ``v`` are saved for backward (memory independent of the iteration count);
     double backward is not supported.
     """
-    check_ddf(ddf.detach())  # detached: the finiteness check must not record autograd nodes
+    check_ddf(ddf)
     if not ddf.is_floating_point():
         raise ValueError(f"ddf must be a floating point tensor, got {ddf.dtype}")
     forward_solver = _default_forward_solver() if forward_solver is None else forward_solver

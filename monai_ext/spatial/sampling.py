@@ -14,6 +14,7 @@ Conventions used throughout ``monai_ext`` (the same as MONAI's ``Warp``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,12 @@ __all__ = ["voxel_grid", "sample", "sample_points", "warp", "compose", "affine_t
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 
+@lru_cache(maxsize=None)
+def _warp_block(mode: str, padding: str) -> Warp:
+    """One MONAI ``Warp`` per (mode, padding): it is stateless, and constructing it emits a warning each time."""
+    return Warp(mode=_MODES[mode], padding_mode=padding)
+
+
 def check_ddf(ddf: torch.Tensor, name: str = "ddf") -> None:
     """Raise ``ValueError`` unless ``ddf`` is a finite ``(B, n, *spatial)`` DDF with ``n`` 2 or 3."""
     if not isinstance(ddf, torch.Tensor):
@@ -31,7 +38,7 @@ def check_ddf(ddf: torch.Tensor, name: str = "ddf") -> None:
     n = ddf.ndim - 2
     if n not in (2, 3) or ddf.shape[1] != n:
         raise ValueError(f"{name} must have shape (B, n, *spatial) with n = len(spatial) in (2, 3), got {tuple(ddf.shape)}")
-    if not torch.isfinite(ddf).all():
+    if not torch.isfinite(ddf.detach()).all():
         raise ValueError(f"{name} contains non-finite values")
 
 
@@ -116,7 +123,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "linear", padding: 
     dtype = image.dtype
     moving = image if image.is_floating_point() else image.to(ddf.dtype)
     if moving.shape[2:] == ddf.shape[2:] and moving.shape[0] == ddf.shape[0]:
-        out = Warp(mode=_MODES[mode], padding_mode=padding)(moving.to(ddf.dtype), ddf)
+        out = _warp_block(mode, padding)(moving.to(ddf.dtype), ddf)
     else:
         out = sample(moving.to(ddf.dtype), voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None] + ddf, mode, padding)
     return out.round().to(dtype) if not dtype.is_floating_point else out.to(dtype)
