@@ -92,7 +92,9 @@ def check_bundle(
     return results
 
 
-def check_all(bundles_dir: str | Path = REPO / "bundles", schema: str | Path = DEFAULT_SCHEMA, **kwargs) -> list[dict[str, str]]:
+def check_all(
+    bundles_dir: str | Path = REPO / "bundles", schema: str | Path = DEFAULT_SCHEMA, **kwargs
+) -> list[dict[str, str]]:
     """:func:`check_bundle` for every sub-folder of ``bundles_dir`` (sorted)."""
     bundles_dir = Path(bundles_dir)
     if not bundles_dir.is_dir():
@@ -124,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_table(results))
     failed = [r["bundle"] for r in results if any(r[c] != "ok" for c in CHECKS)]
-    print(f"\n{len(results) - len(failed)} of {len(results)} bundles passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} bundles passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

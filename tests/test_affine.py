@@ -13,33 +13,20 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 from conftest import load_npz
+from keymorph_reference import (
+    as_tensors,
+    norm_to_voxel,
+    normalized_grid,
+    reference_warp,
+    to_sampling_grid,
+    voxel_to_norm,
+)
 
 from monai_ext.spatial.affine import affine_matrix_from_parameters, fit_affine, fit_rigid, transform_points
 
 ALIGNERS = "keymorph", "aligners.npz"
 F64 = torch.float64
-
-
-def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(value) for key, value in arrays.items()}
-
-
-def normalized_grid(shape) -> torch.Tensor:
-    """KeyMorph's ij base grid (linspace(-1, 1) per axis), flattened in C order: (1, N, n)."""
-    axes = [torch.linspace(-1, 1, int(s)) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, len(shape))
-
-
-def to_sampling_grid(points: torch.Tensor, shape) -> torch.Tensor:
-    """(1, N, n) ij points -> grid_sample grid (1, *shape, n) in (x, y, z) order."""
-    return points.reshape(1, *[int(s) for s in shape], -1).flip(-1)
-
-
-def reference_warp(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """The fixtures' warp: trilinear, border, align_corners=False (README section 2)."""
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def random_affine(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -260,15 +247,6 @@ def test_aligner_checks_exact_recovery():
     torch.testing.assert_close(rigid, rigid_true, rtol=0, atol=1e-6)
     torch.testing.assert_close(rigid, ref["rigid_recovery/transform_matrix"], rtol=0, atol=1e-6)
     torch.testing.assert_close(fit_rigid(moving, rigid_fixed, weights), rigid_true, rtol=0, atol=1e-6)
-
-
-def norm_to_voxel(points: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """KeyMorph's real-world helper, align_corners=False: v = (p + 1) N / 2 - 0.5."""
-    return (points + 1) * shape / 2 - 0.5
-
-
-def voxel_to_norm(voxels: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    return 2 * (voxels + 0.5) / shape - 1
 
 
 @pytest.mark.parametrize("case,fit", [("affine", fit_affine), ("rigid", fit_rigid)])

@@ -42,8 +42,13 @@ METADATA = {
     "network_data_format": {
         "inputs": {"image": TENSOR},
         "outputs": {
-            "pred": {**TENSOR, "format": "displacement", "num_channels": 3, "value_range": [],
-                     "channel_def": {"0": "axis 0", "1": "axis 1", "2": "axis 2"}}
+            "pred": {
+                **TENSOR,
+                "format": "displacement",
+                "num_channels": 3,
+                "value_range": [],
+                "channel_def": {"0": "axis 0", "1": "axis 1", "2": "axis 2"},
+            }
         },
     },
 }

@@ -32,7 +32,10 @@ class _Handler(BaseHTTPRequestHandler):
         if header and not server.ignore_range:
             start = int(header.removeprefix("bytes=").rstrip("-"))
             if start >= len(data):
-                self.send_error(416, "Range Not Satisfiable")
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
         body = data[start:]
         self.send_response(206 if start else 200)
@@ -115,6 +118,13 @@ def test_complete_part_file_is_finished_without_body(tmp_path):
     with serve({"/f.bin": PAYLOAD}) as server:
         download_file(server.url + "/f.bin", tmp_path / "f.bin", sha256=SHA, progress=False)
     assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+
+def test_part_file_longer_than_the_server_file_is_reported(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD + b"extra")
+    with serve({"/f.bin": PAYLOAD}) as server, pytest.raises(DownloadError, match="HTTP 416.*delete the .part"):
+        download_file(server.url + "/f.bin", tmp_path / "f.bin", progress=False)
+    assert not (tmp_path / "f.bin").exists()
 
 
 def test_wrong_checksum_leaves_nothing(tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 from torch import nn
-from torch.utils.data import DataLoader
 
 from monai_ext.data.oasis import oasis_cases, oasis_pairs, oasis_transforms
 from monai_ext.data.pairs import PairEpochHandler, RegistrationPairDataset
@@ -49,7 +49,9 @@ class SymmetricMSE(nn.Module):
     """MSE of both warped images + 0.01 x squared DDF; returns the terms dict like SymmetricRegistrationLoss."""
 
     def forward(self, moving, fixed, forward_ddf, inverse_ddf, moving_mask=None, fixed_mask=None):
-        similarity = (warp(moving, forward_ddf) - fixed).square().mean() + (warp(fixed, inverse_ddf) - moving).square().mean()
+        similarity = (warp(moving, forward_ddf) - fixed).square().mean() + (
+            warp(fixed, inverse_ddf) - moving
+        ).square().mean()
         regularization = 0.01 * forward_ddf.square().mean()
         return {"loss": similarity + regularization, "similarity": similarity, "regularization": regularization}
 
@@ -92,7 +94,9 @@ def test_training_decreases_loss_and_resumes(oasis_dir, tmp_path):
     save_dict = {"network": network, "optimizer": trainer.optimizer, "trainer": trainer}
     CheckpointSaver(str(tmp_path), save_dict, save_interval=1, n_saved=None, epoch_level=True).attach(trainer)
     losses, terms = [], []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(from_engine(["loss"], first=True)(e.state.output)))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: losses.append(from_engine(["loss"], first=True)(e.state.output))
+    )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(sorted(e.state.output[0])))
     trainer.run()
     assert len(losses) == 18 and all(math.isfinite(v) for v in losses)
@@ -106,7 +110,9 @@ def test_training_decreases_loss_and_resumes(oasis_dir, tmp_path):
     fresh = RegistrationPairDataset(cases, transform=oasis_transforms(crop=None))
     ckpt = next(tmp_path.glob("*epoch=3.pt"))
     trainer2 = _trainer(fresh, resumed, max_epochs=6)
-    CheckpointLoader(str(ckpt), {"network": resumed, "optimizer": trainer2.optimizer, "trainer": trainer2}).attach(trainer2)
+    CheckpointLoader(str(ckpt), {"network": resumed, "optimizer": trainer2.optimizer, "trainer": trainer2}).attach(
+        trainer2
+    )
     seen = []
     trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append((e.state.epoch, fresh.epoch)))
     trainer2.run()
@@ -119,7 +125,17 @@ def test_evaluator_metrics_oracle_and_files(tmp_path):
     # forward = true DDF; the two-pass route calls the oracle for (fixed, moving) too, giving the same DDF as
     # "inverse": only the forward-direction numbers are exact, the inverse ones are checked for presence.
     network = Oracle(pair["ddf"][None])
-    data = [{k: pair[k] for k in ("moving_image", "fixed_image", "moving_label", "fixed_label")} | {"moving_name": "a", "fixed_name": "b"}]
+    moving_affine, fixed_affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])), torch.eye(4)
+    data = [
+        {
+            "moving_image": MetaTensor(pair["moving_image"], affine=moving_affine),
+            "fixed_image": MetaTensor(pair["fixed_image"], affine=fixed_affine),
+            "moving_label": pair["moving_label"],
+            "fixed_label": pair["fixed_label"],
+            "moving_name": "a",
+            "fixed_name": "b",
+        }
+    ]
     metrics = RegistrationMetrics(output_dir=tmp_path / "eval")
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
@@ -130,6 +146,16 @@ def test_evaluator_metrics_oracle_and_files(tmp_path):
     )
     evaluator.run()
     state = evaluator.state.metrics
+    output = evaluator.state.output[0]  # decollated: outputs on the fixed grid carry the fixed affine
+    for key, affine in [
+        ("forward_ddf", fixed_affine),
+        ("moving_image_warped", fixed_affine),
+        ("moving_label_warped", fixed_affine),
+        ("inverse_ddf", moving_affine),
+        ("fixed_image_warped", moving_affine),
+        ("fixed_label_warped", moving_affine),
+    ]:
+        assert torch.equal(output[key].affine, affine.double()), key
     assert state["val_mean_dice"] == pytest.approx(1.0, abs=1e-12)
     assert state["val_hd95"] == pytest.approx(0.0, abs=1e-12)
     assert evaluator.state.best_metric == pytest.approx(1.0)
@@ -150,10 +176,10 @@ def test_metrics_match_hand_computed_dice_and_inverse_consistency(oasis_dir, tmp
     pairs = oasis_pairs(oasis_dir, "all")
     network = TinyNet()  # zero weights: DDF = 0 in both directions
     labels = [1, 2, 3, 4, 5, 6, 99]  # 99 never occurs
-    metrics = RegistrationMetrics(labels=labels, output_dir=tmp_path)
+    metrics = RegistrationMetrics(labels=labels, hd95=False, output_dir=tmp_path)
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
-        val_data_loader=DataLoader(RegistrationPairDatasetFromList(pairs), batch_size=2),
+        val_data_loader=DataLoader(Dataset(pairs, transform=oasis_transforms(crop=None)), batch_size=2),
         network=network,
         iteration_update=RegistrationEvalIteration(),
         key_val_metric={"val_mean_dice": metrics},
@@ -164,27 +190,17 @@ def test_metrics_match_hand_computed_dice_and_inverse_consistency(oasis_dir, tmp
     for pair in pairs:
         item = transform(pair)
         a, b = item["moving_label"].numpy(), item["fixed_label"].numpy()
-        expected.append(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels[:-1]]))
+        expected.append(
+            np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels[:-1]])
+        )
     assert len(metrics.rows) == 3
     for row, value in zip(metrics.rows, expected):
         assert row["dice"] == pytest.approx(value, abs=1e-6)  # MONAI's compute_dice works in float32
         assert row["dice_inverse"] == pytest.approx(value, abs=1e-6)  # Dice is symmetric for u = 0
         assert math.isnan(row["dice_label_99"])
         assert row["ic_mse"] == 0.0 and row["ic_max"] == 0.0
+        assert "hd95" not in row and row["folding_fraction"] == 0.0
     assert evaluator.state.metrics["val_mean_dice"] == pytest.approx(np.mean(expected), abs=1e-6)
-
-
-class RegistrationPairDatasetFromList(torch.utils.data.Dataset):
-    """Evaluation pairs (fixed list) through the OASIS transforms without cropping."""
-
-    def __init__(self, pairs):
-        self.pairs, self.transform = pairs, oasis_transforms(crop=None)
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, index):
-        return self.transform(self.pairs[index])
 
 
 def test_iteration_errors_name_the_problem():
@@ -219,7 +235,11 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
         "train": {
             "dataset": {
                 "_target_": "monai_ext.data.pairs.RegistrationPairDataset",
-                "data": {"_target_": "monai_ext.data.oasis.oasis_cases", "dataset_dir": "@dataset_dir", "division": "all"},
+                "data": {
+                    "_target_": "monai_ext.data.oasis.oasis_cases",
+                    "dataset_dir": "@dataset_dir",
+                    "division": "all",
+                },
                 "transform": transform,
                 "pairs_per_epoch": 4,
             },
@@ -227,8 +247,11 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
             "handlers": [
                 {"_target_": "monai_ext.data.pairs.PairEpochHandler", "dataset": "@train#dataset"},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "interval": 1},
-                {"_target_": "StatsHandler", "tag_name": "train_loss",
-                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"},
+                {
+                    "_target_": "StatsHandler",
+                    "tag_name": "train_loss",
+                    "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+                },
             ],
             "trainer": {
                 "_target_": "SupervisedTrainer",
@@ -252,13 +275,22 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
         "validate": {
             "dataset": {
                 "_target_": "Dataset",
-                "data": {"_target_": "monai_ext.data.oasis.oasis_pairs", "dataset_dir": "@dataset_dir", "division": "all"},
+                "data": {
+                    "_target_": "monai_ext.data.oasis.oasis_pairs",
+                    "dataset_dir": "@dataset_dir",
+                    "division": "all",
+                },
                 "transform": transform,
             },
             "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1},
             "handlers": [
-                {"_target_": "CheckpointSaver", "save_dir": "@output_dir", "save_dict": {"model": "@network"},
-                 "save_key_metric": True, "key_metric_filename": "model.pt"},
+                {
+                    "_target_": "CheckpointSaver",
+                    "save_dir": "@output_dir",
+                    "save_dict": {"model": "@network"},
+                    "save_key_metric": True,
+                    "key_metric_filename": "model.pt",
+                },
             ],
             "evaluator": {
                 "_target_": "SupervisedEvaluator",
@@ -267,8 +299,10 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
                 "network": "@network",
                 "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationEvalIteration"},
                 "key_val_metric": {
-                    "val_mean_dice": {"_target_": "monai_ext.engines.registration.RegistrationMetrics",
-                                      "output_dir": "$@output_dir + '/metrics'"}
+                    "val_mean_dice": {
+                        "_target_": "monai_ext.engines.registration.RegistrationMetrics",
+                        "output_dir": "$@output_dir + '/metrics'",
+                    }
                 },
                 "val_handlers": "@validate#handlers",
             },
@@ -284,6 +318,8 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
     assert 0 < evaluator.state.metrics["val_mean_dice"] <= 1 and evaluator.state.best_metric_epoch in (1, 2)
     assert (tmp_path / "model.pt").is_file()
     checkpoint = torch.load(next((tmp_path / "checkpoints").glob("*.pt")), weights_only=False)
-    assert {"network", "optimizer", "trainer"} <= set(checkpoint) and checkpoint["trainer"]["epoch"] == 2
+    assert {"network", "optimizer", "trainer"} <= set(checkpoint) and checkpoint["trainer"][
+        "iteration"
+    ] == 4  # 2 epochs x 2 batches
     rows = list(csv.DictReader(open(tmp_path / "metrics" / "per_pair.csv")))
     assert len(rows) == 3 and rows[0]["moving_name"] == "OASIS_OAS1_0001_MR1"

@@ -20,7 +20,7 @@ from monai_ext.checkpoints import convert_sitreg_state_dict, load_sitreg_checkpo
 from monai_ext.losses.regularization import GradientDeformationLoss
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
 from monai_ext.losses.symmetric import SymmetricRegistrationLoss
-from monai_ext.networks.sitreg import SITReg
+from monai_ext.networks.sitreg import SITReg, SITRegEncoder
 from monai_ext.spatial.inversion import AndersonSolver, MaxAbsResidual, RelativeL2Residual
 from monai_ext.spatial.sampling import affine_to_ddf, compose
 
@@ -196,7 +196,7 @@ def test_loss_and_gradients(name):
     terms["loss"].backward()
     expected = load_npz("sitreg", name, "loss_and_grads.npz")
     for key, term in LOSS_TERMS.items():
-        assert abs(float(terms[term]) - float(expected[key])) < 1e-5, key
+        assert abs(float(terms[term].detach()) - float(expected[key])) < 1e-5, key
     gradients = convert_sitreg_state_dict({k[len("grad/") :]: v for k, v in expected.items() if k.startswith("grad/")})
     parameters = dict(model.named_parameters())
     assert set(gradients) == set(parameters)
@@ -221,7 +221,7 @@ def test_float64_reference(name):
     terms = _loss(name)(image_1, image_2, forward_ddf, inverse_ddf)
     terms["loss"].backward()
     for key, term in LOSS_TERMS.items():  # float64 agrees far below the float32 tolerance of 1e-5
-        assert abs(float(terms[term]) - float(expected[key])) < 1e-8, key
+        assert abs(float(terms[term].detach()) - float(expected[key])) < 1e-8, key
     gradients = convert_sitreg_state_dict({k[len("grad/") :]: v for k, v in expected.items() if k.startswith("grad/")})
     parameters = dict(model.named_parameters())
     assert len(expected) == 2 + len(LOSS_TERMS) + len(gradients) and set(gradients) == set(parameters)
@@ -271,6 +271,8 @@ def _amplify_final_convs(model: SITReg, factor: float = 10.0) -> None:
         (3, (11, 10, 9), {}),
         (2, (13, 17), {"in_channels": 2, "deformation_normalization": True}),
         (3, (9, 12, 7), {"deformation_features": (8, None, 8), "deformation_convolutions": (1, None, 2)}),
+        # the reference's own symmetry test setting, scaled down: 2-D, 3 channels, full affine, voxel size (1, 2)
+        (2, (24, 20), {"in_channels": 3, "predict_affine": True, "input_shape": (24, 20), "voxel_size": (1.0, 2.0)}),
     ],
 )
 def test_symmetry_is_exact(spatial_dims, shape, kwargs):
@@ -286,6 +288,14 @@ def test_symmetry_is_exact(spatial_dims, shape, kwargs):
     # forward(x) with x = cat(moving, fixed) on channels is the forward DDF
     with torch.no_grad():
         assert torch.equal(model(torch.cat((moving, fixed), dim=1)), forward_ddf)
+
+
+def test_encoder_level_shapes():
+    """Reference ``feature_extractor_test``: (15, 32, 17) with 5 levels ceil-halves to these shapes."""
+    encoder = SITRegEncoder(3, 1, (2, 2, 2, 2, 2), (1, 1, 1, 1, 1))
+    with torch.no_grad():
+        shapes = [tuple(level.shape[2:]) for level in encoder(torch.rand(1, 1, 15, 32, 17))]
+    assert shapes == [(15, 32, 17), (8, 16, 9), (4, 8, 5), (2, 4, 3), (1, 2, 2)]
 
 
 def test_inverse_consistency_random_weights():
@@ -335,7 +345,8 @@ def test_affine_stage_symmetric_with_exact_inverse():
     with torch.no_grad():
         out = model.forward_and_inverse(moving, fixed, return_intermediates=True)
         swapped = model.forward_and_inverse(fixed, moving, return_intermediates=True)
-    assert torch.equal(out.forward_affine, swapped.inverse_affine) and torch.equal(out.inverse_affine, swapped.forward_affine)
+    assert torch.equal(out.forward_affine, swapped.inverse_affine)
+    assert torch.equal(out.inverse_affine, swapped.forward_affine)
     assert torch.equal(out.forward_ddf, swapped.inverse_ddf) and torch.equal(out.inverse_ddf, swapped.forward_ddf)
     eye = torch.eye(4).expand(2, 4, 4)
     torch.testing.assert_close(out.forward_affine @ out.inverse_affine, eye, atol=1e-5, rtol=0)
@@ -348,8 +359,54 @@ def test_affine_stage_symmetric_with_exact_inverse():
             block.final_conv.conv.weight.zero_()
             block.final_conv.conv.bias.zero_()
         out = model.forward_and_inverse(moving, fixed, return_intermediates=True)
-    torch.testing.assert_close(out.forward_ddf, affine_to_ddf(out.forward_affine @ out.forward_affine, shape), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.inverse_ddf, affine_to_ddf(out.inverse_affine @ out.inverse_affine, shape), atol=1e-5, rtol=0)
+    for ddf, half in ((out.forward_ddf, out.forward_affine), (out.inverse_ddf, out.inverse_affine)):
+        torch.testing.assert_close(ddf, affine_to_ddf(half @ half, shape), atol=1e-5, rtol=0)
+
+
+class _OddAffineHead(torch.nn.Module):
+    """Stand-in affine head with ``head(a, b) = s * params`` and ``head(b, a) = -s * params`` (``s = +-1``)."""
+
+    def __init__(self, params: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("params", params)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.params * torch.sign((a - b).flatten(1)[:, :1])
+
+
+def test_affine_stage_world_to_voxel_by_hand():
+    """Affine parameters act in centred-normalised world coordinates, the output matrices are in voxels.
+
+    Shape (24, 20), voxel size (1, 2): the largest field of view is axis 1 (40 > 24), so the world spacing is
+    h = (2 / 20 * 1 / 2, 2 / 20) = (0.05, 0.1) and the grid centre c = (11.5, 9.5) is the world origin.
+    With head(f1, f2) = s p and head(f2, f1) = -s p, Aff_f = A(s p) A(-s p)^-1:
+    * translation t = (0.1, 0.2) world: Aff_f translates by 2 s t / h = s (4, 4) voxels;
+    * rotation r: Aff_f = c + H^-1 R(2 s r) H (x - c) with H = diag(h), R(a) = [[cos a, sin a], [-sin a, cos a]].
+    """
+    shape = (24, 20)
+    model = _tiny(2, deformation_features=(8, 8, None), deformation_convolutions=(1, 1, None),
+                  predict_affine=True, input_shape=shape, voxel_size=(1.0, 2.0))  # fmt: skip
+    moving, fixed = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    h, centre = torch.tensor([0.05, 0.1]), torch.tensor([11.5, 9.5])
+
+    model.affine_head = _OddAffineHead(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.1, 0.2]]))
+    with torch.no_grad():
+        out = model.forward_and_inverse(moving, fixed, return_intermediates=True)
+    sign = torch.sign(out.forward_affine[0, 0, 2])
+    expected = torch.eye(3)
+    expected[:2, 2] = sign * torch.tensor([4.0, 4.0])
+    torch.testing.assert_close(out.forward_affine[0], expected, atol=1e-5, rtol=0)
+
+    r = 0.1
+    model.affine_head = _OddAffineHead(torch.tensor([[0.0, 0.0, 0.0, r, 0.0, 0.0]]))
+    with torch.no_grad():
+        out = model.forward_and_inverse(moving, fixed, return_intermediates=True)
+    matrix = out.forward_affine[0]
+    angle = 2 * r * torch.sign(matrix[0, 1])
+    rotation = torch.tensor([[torch.cos(angle), torch.sin(angle)], [-torch.sin(angle), torch.cos(angle)]])
+    linear = torch.diag(1 / h) @ rotation @ torch.diag(h)
+    torch.testing.assert_close(matrix[:2, :2], linear, atol=1e-5, rtol=0)
+    torch.testing.assert_close(matrix[:2, 2], centre - linear @ centre, atol=1e-4, rtol=0)
 
 
 def test_parameter_counts_of_reference_configs():
@@ -407,6 +464,8 @@ def test_bad_inputs():
         model.forward_and_inverse(torch.rand(1, 2, 8, 8, 8), torch.rand(1, 2, 8, 8, 8))
     with pytest.raises(ValueError, match="spatial dims"):
         model.forward_and_inverse(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.forward_and_inverse(good, torch.full((1, 1, 8, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="same shape"):
         model.forward_and_inverse(good, torch.rand(1, 1, 8, 8, 9))
     with pytest.raises(ValueError, match="too small"):
@@ -451,6 +510,11 @@ def test_checkpoint_loading_and_errors(tmp_path):
         load_sitreg_checkpoint(shallower, reference)
     with pytest.raises(ValueError, match="unexpected keys \\['encoder.down_blocks.2"):
         load_sitreg_checkpoint(shallower, {k: v for k, v in reference.items() if ".3." not in k})
+    with pytest.raises(ValueError, match="transformation_downsampling_factor"):
+        sitreg_from_reference_config({**config, "transformation_downsampling_factor": [2.0, 2.0, 2.0]})
+    with pytest.raises(ValueError, match="stop criterion"):
+        solver = {"forward_fixed_point_solver": {"stop_criterion": {"type": "X"}}}
+        sitreg_from_reference_config({**config, "displacement_field_inversion": solver})
     normalized = sitreg_from_reference_config({**config, "use_normalization_in_deformation_extraction": True})
     with pytest.raises(ValueError, match="missing keys \\['deformation_blocks.0.block.0.adn.N.bias'"):
         load_sitreg_checkpoint(normalized, reference)

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import load_npz
+from keymorph_reference import as_tensors, norm_to_voxel, reference_warp, voxel_to_linspace, voxel_to_norm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from monai_ext.spatial.affine import fit_affine, transform_points
@@ -23,24 +23,9 @@ F64 = torch.float64
 KERNELS = ["thin_plate", "biharmonic"]
 
 
-def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(value) for key, value in arrays.items()}
-
-
 def keymorph_grid(theta, control, shape, to_points) -> torch.Tensor:
     """KeyMorph's sampling grid: the TPS evaluated at every fixed voxel, (x, y, z) order for grid_sample."""
     return tps_dense(theta, control, shape, to_points=to_points, chunk_size=2000).flip(-1)
-
-
-def normalized(shape):
-    """Voxel index -> KeyMorph's normalized ij coordinate, linspace(-1, 1, N) per axis."""
-    size = torch.tensor(shape, dtype=torch.float32)
-    return lambda voxels: 2 * voxels / (size - 1) - 1
-
-
-def reference_warp(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """The fixtures' warp: trilinear, border, align_corners=False (README section 2)."""
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def numpy_tps(control: np.ndarray, target: np.ndarray, regulariser: np.ndarray) -> np.ndarray:
@@ -68,7 +53,7 @@ def test_tps_parity(case):
     torch.testing.assert_close(theta, ref[f"{case}/theta"], rtol=0, atol=5e-5)
     torch.testing.assert_close(tps_transform_points(theta, moving, moving), ref[f"{case}/points_a"], rtol=0, atol=2e-6)
     shape = ref["grid_shape"][2:].tolist()
-    grid = keymorph_grid(inverse_theta, fixed, shape, normalized(shape))
+    grid = keymorph_grid(inverse_theta, fixed, shape, voxel_to_linspace(shape))
     torch.testing.assert_close(grid, ref[f"{case}/grid"], rtol=0, atol=2e-5)
     torch.testing.assert_close(reference_warp(ref["img_m"], grid), ref[f"{case}/warped"], rtol=0, atol=1e-4)
 
@@ -144,8 +129,6 @@ def test_tps_realworld_parity(case):
     ref = as_tensors(load_npz("keymorph", "realworld.npz"))
     lmbda = float(case.split("_")[1])
     shape_f, shape_m = ref["shape_f"].float(), ref["shape_m"].float()
-    norm_to_voxel = lambda points, size: (points + 1) * size / 2 - 0.5  # align_corners=False, as the reference
-    voxel_to_norm = lambda voxels, size: 2 * (voxels + 0.5) / size - 1
     world_f = transform_points(ref["aff_f"], norm_to_voxel(ref["points_f"], shape_f))
     world_m = transform_points(ref["aff_m"], norm_to_voxel(ref["points_m"], shape_m))
     inverse_theta = fit_tps(world_f, world_m, lmbda)
@@ -153,7 +136,7 @@ def test_tps_realworld_parity(case):
     torch.testing.assert_close(inverse_theta, ref[f"{case}/inverse_theta"], rtol=0, atol=5e-5 * scale)
 
     to_world = lambda voxels: transform_points(
-        ref["aff_f"], norm_to_voxel(normalized(ref["shape_f"].tolist())(voxels)[None], shape_f)
+        ref["aff_f"], norm_to_voxel(voxel_to_linspace(ref["shape_f"].tolist())(voxels)[None], shape_f)
     )
     world_grid = tps_dense(inverse_theta, world_f, ref["shape_f"].tolist(), to_points=to_world, chunk_size=3000)
     moving_voxels = transform_points(torch.linalg.inv(ref["aff_m"]), world_grid.reshape(1, -1, 3))
@@ -298,7 +281,7 @@ def test_dense_memory_is_bounded_by_the_chunk():
     theta = fit_tps(control, control + 0.05 * torch.randn(1, 512, 3, generator=generator), 0.1)
     shape, chunk = (32, 32, 32), 4096
     with _LargestTensor() as tracker:
-        out = tps_dense(theta, control, shape, to_points=normalized(list(shape)), chunk_size=chunk)
+        out = tps_dense(theta, control, shape, to_points=voxel_to_linspace(list(shape)), chunk_size=chunk)
     assert out.shape == (1, *shape, 3) and torch.isfinite(out).all()
     assert tracker.largest <= max(chunk * 512, out.numel())
     assert tracker.largest < math.prod(shape) * 512 / 4

@@ -85,11 +85,15 @@ def _open(url: str, offset: int, timeout: float):
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http(s) URL from the caller)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # the partial file already holds every byte
-            return None, True
+        if err.code == 416 and offset and _range_total(err.headers) in (None, offset):
+            return None, True  # the partial file already holds every byte
+        hint = (
+            "The partial download does not match the file on the server: delete the .part file and run again."
+            if err.code == 416
+            else "Check that the URL is still valid (the dataset may have moved) or download the file by hand."
+        )
         raise DownloadError(
-            f"download of {url} failed: the server answered HTTP {err.code} {err.reason}. "
-            "Check that the URL is still valid (the dataset may have moved) or download the file by hand."
+            f"download of {url} failed: the server answered HTTP {err.code} {err.reason}. {hint}"
         ) from err
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
@@ -97,7 +101,18 @@ def _open(url: str, offset: int, timeout: float):
             f"could not reach {url} ({reason}). Check the network connection / proxy settings, or download "
             "the file by hand and place it at the destination path, then run again."
         ) from err
-    return response, response.status == 206
+    resumed = response.status == 206
+    content_range = response.headers.get("Content-Range", "")
+    if resumed and not content_range.startswith(f"bytes {offset}-"):
+        response.close()
+        raise DownloadError(f"{url} answered a resume request from byte {offset} with {content_range!r}")
+    return response, resumed
+
+
+def _range_total(headers) -> int | None:
+    """Total size from a ``Content-Range: bytes */N`` header, if any."""
+    match = re.fullmatch(r"bytes \*/(\d+)", (headers or {}).get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
 
 
 def download_file(

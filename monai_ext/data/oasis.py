@@ -99,7 +99,10 @@ def oasis_cases(dataset_dir: str | os.PathLike, division: str) -> list[dict[str,
     """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division``."""
     cases = []
     for name in oasis_subjects(dataset_dir, division):
-        case = {"image": str(Path(dataset_dir, name, OASIS_IMAGE_FILE)), "label": str(Path(dataset_dir, name, OASIS_LABEL_FILE))}
+        case = {
+            "image": str(Path(dataset_dir, name, OASIS_IMAGE_FILE)),
+            "label": str(Path(dataset_dir, name, OASIS_LABEL_FILE)),
+        }
         for path in case.values():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path} listed in subjects.txt is missing (incomplete extraction?)")

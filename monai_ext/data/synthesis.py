@@ -51,7 +51,9 @@ def _blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return GaussianFilter(volume.ndim - 1, sigma)(volume.unsqueeze(0)).squeeze(0)
 
 
-def random_label_map(shape: Sequence[int], num_labels: int = 6, sigma: float | None = None, seed: int = 0) -> torch.Tensor:
+def random_label_map(
+    shape: Sequence[int], num_labels: int = 6, sigma: float | None = None, seed: int = 0
+) -> torch.Tensor:
     """Smooth random label map ``(*shape)`` int64: labels ``1..num_labels`` inside an ellipsoid, 0 outside.
 
     ``sigma`` (voxels) sets the blob size; default ``max(shape) / 8``. The ellipsoid's semi-axes are
@@ -100,9 +102,10 @@ def random_ddf(
 ) -> torch.Tensor:
     """Smooth random DDF ``(n, *shape)`` in voxel units with ``max |u| = max_displacement`` voxels.
 
-    Random normal values on a control grid of about ``control_spacing`` voxels are multilinearly
-    upsampled (``align_corners=True``) and rescaled. With ``max_displacement`` well below
-    ``control_spacing / 2`` the map ``x + u(x)`` has no folds.
+    Random normal values on a control grid of spacing ``h <= control_spacing`` voxels are multilinearly
+    upsampled (``align_corners=True``) and rescaled, so every partial derivative of ``u`` is at most
+    ``2 max_displacement / h``; with ``max_displacement < h / (2 n)`` the Jacobian of ``u`` has norm < 1
+    and ``x + u(x)`` cannot fold (larger values usually do not fold either, but are not guaranteed).
     """
     shape = _check_shape(shape)
     generator = torch.Generator().manual_seed(seed)
@@ -192,6 +195,10 @@ def image_from_label_map(
         import nibabel as nib
 
         label_map = np.asarray(nib.load(str(label_map)).dataobj)
-    label = torch.as_tensor(np.asarray(label_map)).round().to(torch.int64) if not torch.is_tensor(label_map) else label_map.long()
+    label = (
+        torch.as_tensor(np.asarray(label_map)).round().to(torch.int64)
+        if not torch.is_tensor(label_map)
+        else label_map.long()
+    )
     image = synthesize_image(label, seed=seed, blur_sigma=blur_sigma, noise_std=noise_std)
     return image[None], label[None]

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from ignite.metrics import Metric
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.utils import CommonKeys as Keys
@@ -48,7 +49,9 @@ from monai_ext.spatial.sampling import warp
 __all__ = ["forward_and_inverse", "RegistrationTrainIteration", "RegistrationEvalIteration", "RegistrationMetrics"]
 
 
-def forward_and_inverse(network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_and_inverse(
+    network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(forward_ddf, inverse_ddf)`` of a pair.
 
     Uses ``network.forward_and_inverse(moving, fixed)`` when the network has it (SITReg: one symmetric
@@ -149,8 +152,11 @@ class RegistrationEvalIteration:
     ``fixed_image_warped`` (fixed on the moving grid), and when the labels are in the batch
     ``moving_label``, ``fixed_label``, ``moving_label_warped`` (by ``forward_ddf``) and
     ``fixed_label_warped`` (by ``inverse_ddf``): nearest neighbour, 0 outside the field of view (as the
-    SITReg evaluator). Non-tensor batch items (``moving_name``, ``fixed_name``) are copied as well, so
-    handlers reading ``engine.state.output`` (``from_engine``, :class:`RegistrationMetrics`) see them.
+    SITReg evaluator). Outputs on the fixed grid (``forward_ddf``, ``*_warped`` of the moving side) carry the
+    fixed image's MetaTensor metadata (affine, file name), those on the moving grid the moving image's, so
+    ``SaveImaged`` writes them with the right geometry. Non-tensor batch items (``moving_name``,
+    ``fixed_name``) are copied as well, so handlers reading ``engine.state.output`` (``from_engine``,
+    :class:`RegistrationMetrics`) see them.
     """
 
     def __init__(
@@ -171,6 +177,7 @@ class RegistrationEvalIteration:
         engine.network.eval()
         with torch.no_grad():
             forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
+            forward_ddf, inverse_ddf = _on_grid(forward_ddf, fixed), _on_grid(inverse_ddf, moving)
             output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
             output.update(
                 {
@@ -179,23 +186,36 @@ class RegistrationEvalIteration:
                     "forward_ddf": forward_ddf,
                     "inverse_ddf": inverse_ddf,
                     Keys.PRED: forward_ddf,
-                    f"{self.keys[0]}_warped": warp(moving, forward_ddf),
-                    f"{self.keys[1]}_warped": warp(fixed, inverse_ddf),
+                    f"{self.keys[0]}_warped": _on_grid(warp(moving, forward_ddf), fixed),
+                    f"{self.keys[1]}_warped": _on_grid(warp(fixed, inverse_ddf), moving),
                 }
             )
             if moving_label is not None and fixed_label is not None:
+                label_warp = {"mode": "nearest", "padding": "zeros"}
                 output.update(
                     {
                         self.keys[2]: moving_label,
                         self.keys[3]: fixed_label,
-                        f"{self.keys[2]}_warped": warp(moving_label, forward_ddf, mode="nearest", padding="zeros"),
-                        f"{self.keys[3]}_warped": warp(fixed_label, inverse_ddf, mode="nearest", padding="zeros"),
+                        f"{self.keys[2]}_warped": _on_grid(warp(moving_label, forward_ddf, **label_warp), fixed),
+                        f"{self.keys[3]}_warped": _on_grid(warp(fixed_label, inverse_ddf, **label_warp), moving),
                     }
                 )
         engine.state.output = output
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _on_grid(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor`` carrying ``reference``'s metadata (affine, file name) when ``reference`` is a MetaTensor.
+
+    Warping a MetaTensor keeps the *moving* image's metadata, but the result lives on the other grid.
+    """
+    if not isinstance(reference, MetaTensor):
+        return tensor
+    out = MetaTensor(tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor)
+    out.copy_meta_from(reference)  # meta dict, applied operations and the is_batch flag
+    return out
 
 
 def _nan_mean(values: torch.Tensor) -> float:
@@ -225,8 +245,10 @@ class RegistrationMetrics(Metric):
     * ``dice`` / ``dice_label_<label>``: Dice of ``moving_label_warped`` vs ``fixed_label`` per label (MONAI
       ``compute_dice`` on one-hot maps), NaN for a label absent from both; ``dice`` = mean over labels
       ignoring NaN. ``dice_inverse``: the same for ``fixed_label_warped`` vs ``moving_label``.
-    * ``hd95`` / ``hd95_inverse``: MONAI ``compute_hausdorff_distance(percentile=95)`` per label in **voxel
-      units** (as SITReg), mean over the labels present in both maps.
+    * ``hd95`` / ``hd95_inverse`` (if ``hd95``): MONAI ``compute_hausdorff_distance(percentile=95)`` per label in
+      **voxel units** (as SITReg), mean over the labels present in both maps. It needs one distance
+      transform per label and direction (tens of seconds per OASIS pair on a CPU): SITReg reports it on
+      the test set only, so switch it off for per-epoch validation.
     * ``folding_fraction``, ``sdlogj`` and (3-D) ``ndv`` of ``forward_ddf``; ``ic_mse`` and ``ic_max``
       (inverse consistency of ``forward_ddf`` o ``inverse_ddf``, voxels) when ``inverse_ddf`` is present;
       see :mod:`monai_ext.metrics.deformation`.
@@ -240,6 +262,7 @@ class RegistrationMetrics(Metric):
     Args:
         labels: label values to evaluate (background excluded); default: the non-zero values present in
             either map of each pair.
+        hd95: compute the HD95 columns.
         output_dir: folder of the CSV/JSON files; ``None`` writes nothing.
         prefix: prefix of the extra ``engine.state.metrics`` keys.
         output_transform: applied to ``engine.state.output`` first.
@@ -248,6 +271,7 @@ class RegistrationMetrics(Metric):
     def __init__(
         self,
         labels: Sequence[int] | None = None,
+        hd95: bool = True,
         output_dir: str | os.PathLike | None = None,
         prefix: str = "val_",
         output_transform: Callable = lambda x: x,
@@ -255,6 +279,7 @@ class RegistrationMetrics(Metric):
         if labels is not None and (len(labels) == 0 or 0 in labels):
             raise ValueError(f"labels must be a non-empty sequence of non-background label values, got {labels}")
         self.labels = None if labels is None else [int(v) for v in labels]
+        self.hd95 = hd95
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.prefix = prefix
         self.rows: list[dict[str, Any]] = []
@@ -267,19 +292,28 @@ class RegistrationMetrics(Metric):
         self.update(self._output_transform(engine.state.output))
 
     def _overlap(self, warped: torch.Tensor, target: torch.Tensor, labels: list[int], suffix: str) -> dict[str, float]:
-        """Dice and HD95 per label of two ``(1, 1, *spatial)`` integer maps."""
+        """Dice (and HD95) per label of two ``(1, 1, *spatial)`` integer maps."""
         values = torch.tensor(labels, device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
         pred, ref = (warped.round().long() == values), (target.round().long() == values)
         dice = compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=False)[0].cpu().double()
         in_pred, in_ref = pred.flatten(2).any(-1)[0].cpu(), ref.flatten(2).any(-1)[0].cpu()
         dice[~in_pred & ~in_ref] = math.nan
+        row = {f"dice{suffix}": _nan_mean(dice)}
+        if not suffix:
+            row.update({f"dice_label_{label}": float(d) for label, d in zip(labels, dice)})
+        if not self.hd95:
+            return row
         hd95 = torch.full((len(labels),), math.nan, dtype=torch.float64)
         both = in_pred & in_ref
         if both.any():
-            hd95[both] = compute_hausdorff_distance(pred[:, both].float(), ref[:, both].float(), include_background=True, percentile=95)[0].cpu().double()
-        row = {f"dice{suffix}": _nan_mean(dice), f"hd95{suffix}": _nan_mean(hd95)}
-        if not suffix:
-            row.update({f"dice_label_{label}": float(d) for label, d in zip(labels, dice)})
+            hd95[both] = (
+                compute_hausdorff_distance(
+                    pred[:, both].float(), ref[:, both].float(), include_background=True, percentile=95
+                )[0]
+                .cpu()
+                .double()
+            )
+        row[f"hd95{suffix}"] = _nan_mean(hd95)
         return row
 
     def _pair_row(self, item: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -303,9 +337,14 @@ class RegistrationMetrics(Metric):
                 present = torch.cat([moving_label.flatten(), fixed_label.flatten()]).round().long().unique()
                 labels = [int(v) for v in present if v != 0]
             if labels:
-                for suffix, warped, target in (("", "moving_label_warped", fixed_label), ("_inverse", "fixed_label_warped", moving_label)):
+                for suffix, warped, target in (
+                    ("", "moving_label_warped", fixed_label),
+                    ("_inverse", "fixed_label_warped", moving_label),
+                ):
                     if batched(warped) is None:
-                        raise ValueError(f"engine output has label maps but no {warped!r} (use RegistrationEvalIteration)")
+                        raise ValueError(
+                            f"engine output has label maps but no {warped!r} (use RegistrationEvalIteration)"
+                        )
                     row.update(self._overlap(batched(warped), target, labels, suffix))
         ddf = forward_ddf.double()
         row["folding_fraction"] = float(folding_fraction(ddf)[0])
@@ -320,7 +359,10 @@ class RegistrationMetrics(Metric):
         """Add the pairs of one iteration: a list of per-pair dicts (decollated) or one batched dict."""
         if isinstance(output, Mapping):
             size = output["forward_ddf"].shape[0]
-            items = [{k: (v[i] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in output.items()} for i in range(size)]
+            items = [
+                {k: (v[i] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in output.items()}
+                for i in range(size)
+            ]
         else:
             items = list(output)
         with warnings.catch_warnings():
@@ -376,6 +418,9 @@ class RegistrationMetrics(Metric):
 
         _atomic_write(output_dir / "per_pair.csv", per_pair)
         _atomic_write(output_dir / "summary.csv", summary_csv)
-        strict = {c: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()} for c, s in summary.items()}
+        strict = {
+            c: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()}
+            for c, s in summary.items()
+        }
         payload = {"num_pairs": len(self.rows), "metrics": strict}  # non-finite -> null (strict JSON)
         _atomic_write(output_dir / "summary.json", lambda stream: json.dump(payload, stream, indent=2))

@@ -30,6 +30,7 @@ mis-indexes outputs in that case, spec section 12.1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,6 +122,9 @@ class SITRegEncoder(nn.Module):
     ``forward(x)``: ``x`` ``(B, in_channels, *spatial)`` -> list of level features, finest first,
     level ``k`` of shape ``(B, features[k], *ceil(spatial / 2^k))``. GroupNorm is per sample, so both
     images of a pair can share one batch.
+
+    Assembled from MONAI ``Convolution`` units; written here because no MONAI encoder has this
+    strided-conv + pooled-skip residual structure with ceil-halving, which the reference weights need.
     """
 
     def __init__(
@@ -373,10 +377,8 @@ class SITReg(nn.Module):
             raise ValueError("at least one level must predict a deformation (deformation_features all None)")
         normalized = list(features) + ([f for f in deformation_features if f] if deformation_normalization else [])
         if groups < 1 or any(channels % groups for channels in normalized):
-            raise ValueError(
-                f"groups={groups} must divide every GroupNorm width (features{' and deformation_features' * deformation_normalization}), "
-                f"got {normalized}"
-            )
+            widths = "features and deformation_features" if deformation_normalization else "features"
+            raise ValueError(f"groups={groups} must divide every GroupNorm width ({widths}), got {normalized}")
         if not 0 < control_point_multiplier <= 1:
             raise ValueError(f"control_point_multiplier must be in (0, 1], got {control_point_multiplier}")
         if voxel_size is not None and (len(voxel_size) != spatial_dims or min(voxel_size) <= 0):
@@ -410,7 +412,7 @@ class SITReg(nn.Module):
         self.affine_head = None
         if predict_affine:
             coarsest = self.level_shapes(self.input_shape)[-1]
-            self.affine_head = SITRegAffineHead(spatial_dims, features[-1] * int(torch.tensor(coarsest).prod()))
+            self.affine_head = SITRegAffineHead(spatial_dims, features[-1] * math.prod(coarsest))
         self.inversion = DDFInversion(forward_solver, backward_solver)
 
     @property
@@ -436,6 +438,8 @@ class SITReg(nn.Module):
                 raise ValueError(f"{name} must have in_channels={self.in_channels} channels, got {image.shape[1]}")
             if not image.is_floating_point():
                 raise ValueError(f"{name} must be a floating point tensor, got {image.dtype}")
+            if not torch.isfinite(image).all():
+                raise ValueError(f"{name} contains non-finite values")
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
         shape = tuple(moving.shape[2:])
@@ -514,9 +518,9 @@ class SITReg(nn.Module):
             warped_1 = self._warp_features(features[level][:batch], level, left_f, aff_f)
             warped_2 = self._warp_features(features[level][batch:], level, right_f, aff_i)
             pre_fwd, pre_rev = block(warped_1, warped_2), block(warped_2, warped_1)
-            points_fwd, points_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
-            atomic_fwd = block.upsample(points_fwd, spatial_shape)
-            atomic_rev = block.upsample(points_rev, spatial_shape)
+            control_fwd, control_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
+            atomic_fwd = block.upsample(control_fwd, spatial_shape)
+            atomic_rev = block.upsample(control_rev, spatial_shape)
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
             # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
             update_fwd = _chain(grid, inverse_rev, (atomic_fwd,))
@@ -529,7 +533,7 @@ class SITReg(nn.Module):
                 cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
                 levels.append(
                     SITRegLevel(
-                        level, warped_1, warped_2, pre_fwd, pre_rev, points_fwd, points_rev, atomic_fwd, atomic_rev,
+                        level, warped_1, warped_2, pre_fwd, pre_rev, control_fwd, control_rev, atomic_fwd, atomic_rev,
                         inverse_fwd, inverse_rev, update_fwd, update_inv, left_f, right_f, left_i, right_i,
                         *cumulative,
                     )
@@ -543,13 +547,14 @@ class SITReg(nn.Module):
         return forward_ddf, inverse_ddf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` = ``cat(moving, fixed)`` on channels, ``(B, 2 * in_channels, *spatial)`` -> forward DDF ``(B, n, *spatial)``.
+        """Forward DDF ``(B, n, *spatial)`` of ``x = cat(moving, fixed)``, ``(B, 2 * in_channels, *spatial)``.
 
         The DDF maps fixed-grid voxels into the moving image (MONAI ``Warp`` convention).
         """
         if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2 or x.shape[1] != 2 * self.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"x must be cat(moving, fixed) of shape (B, {2 * self.in_channels}, *spatial) with "
-                f"{self.spatial_dims} spatial dims, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                f"{self.spatial_dims} spatial dims, got {got}"
             )
         return self.forward_and_inverse(x[:, : self.in_channels], x[:, self.in_channels :])[0]

@@ -1,0 +1,423 @@
+"""KeyMorph self-supervised pretraining and registration training with MONAI's ``SupervisedTrainer``.
+
+Same pattern as :mod:`monai_ext.engines.registration` (SITReg): the callables below replace the trainer's
+iteration through its ``iteration_update`` argument, so handlers, checkpointing and tracking stay MONAI's::
+
+    "trainer": {"_target_": "SupervisedTrainer", "network": "@network", "loss_function": "@loss", ...,
+                "iteration_update": {"_target_": "monai_ext.engines.keymorph.KeyMorphTrainIteration",
+                                     "max_params": [0.2, 0.2, 3.1416, 0.1]}}
+
+* :class:`KeyMorphPretrainIteration` (spec ``keymorph.md`` section 7): the detector learns to put keypoint ``k``
+  at the ``k``-th of ``K`` random reference locations (:class:`ReferenceKeypoints`, sampled once from the first
+  image and saved in the checkpoint), co-transformed with a random affine augmentation.
+* :class:`KeyMorphTrainIteration` (section 8.2): moving image augmented, registered to the fixed image by
+  ``engine.network`` (a :class:`~monai_ext.networks.keymorph.KeyMorph`), loss on the warped image (MSE / LNCC) or
+  on warped one-hot labels (soft Dice, :class:`~monai_ext.losses.keymorph.KeyMorphLoss`), plus the optional
+  keypoint-consistency step.
+
+Keypoints are ``(B, K, n)`` normalised ``ij`` (align_corners=True); augmentation matrices as in
+:mod:`monai_ext.data.keymorph_augmentation`; DDFs ``(B, n, *fixed)`` voxel units, fixed grid -> moving image.
+AMP and gradient accumulation are not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from torch import nn
+
+from monai_ext.data.keymorph_augmentation import apply_keymorph_affine, augmentation_ramp, random_keymorph_affine
+from monai_ext.engines.registration import _to_device
+from monai_ext.losses.keymorph import KeypointConsistencyLoss
+from monai_ext.spatial.affine import transform_points
+from monai_ext.spatial.sampling import warp
+
+__all__ = [
+    "sample_reference_points",
+    "ReferenceKeypoints",
+    "one_hot_label_pair",
+    "KeyMorphPretrainIteration",
+    "KeyMorphTrainIteration",
+]
+
+
+def sample_reference_points(
+    image: torch.Tensor, num_keypoints: int, threshold: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random keypoints at voxels brighter than ``threshold`` (KeyMorph pretraining targets, spec 7).
+
+    Voxels are drawn uniformly with replacement among those with a value ``> threshold`` in any channel (the
+    distribution of the reference's rejection sampling ``sample_valid_coordinates_3d``), independently per batch
+    item, and returned in **our** normalised convention ``-1 + 2 i / (N - 1)`` (align_corners=True, the keypoints'
+    convention). The reference normalises with ``2 i / N - 1`` (range ``[-1, 1 - 2 / N]``), a shift of up to
+    ``2 / N`` that its own keypoint layer could never reproduce exactly; the consistent form is used instead.
+
+    Args:
+        image: ``(B, C, *spatial)``, 2 or 3 spatial dims.
+        num_keypoints: ``K``.
+        threshold: intensity threshold (reference 0.1 on min-max normalised images).
+        generator: torch generator (CPU) of the draws.
+
+    Returns:
+        ``(B, K, n)`` in ``image``'s floating dtype (float32 for integer images) on its device.
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be (B, C, *spatial) with 2 or 3 spatial dims, got {shape}")
+    if int(num_keypoints) < 1:
+        raise ValueError(f"num_keypoints must be >= 1, got {num_keypoints}")
+    valid = (image.detach() > threshold).any(1).flatten(1).cpu()  # (B, V)
+    empty = (~valid.any(1)).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(f"image has no voxel above threshold={threshold} in batch items {empty}")
+    flat = torch.multinomial(valid.double(), int(num_keypoints), replacement=True, generator=generator)
+    shape = image.shape[2:]
+    index = torch.stack(torch.unravel_index(flat, shape), dim=-1).double()  # (B, K, n)
+    size = torch.tensor(shape, dtype=torch.float64)
+    points = torch.where(size > 1, 2 * index / (size - 1).clamp(min=1) - 1, torch.zeros_like(index))
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    return points.to(dtype=dtype, device=image.device)
+
+
+class ReferenceKeypoints(nn.Module):
+    """Holder of the ``K`` pretraining target keypoints ``(K, n)`` as buffers, so that they are saved and restored
+    with the checkpoint (add it to ``CheckpointSaver``'s ``save_dict``; the reference stores ``ref_points``).
+
+    Buffers: ``points`` ``(K, n)`` (normalised ``ij``) and ``initialized`` (bool scalar).
+    """
+
+    def __init__(self, num_keypoints: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        if int(num_keypoints) < 1 or spatial_dims not in (2, 3):
+            raise ValueError(f"num_keypoints must be >= 1 and spatial_dims 2 or 3, got {num_keypoints}, {spatial_dims}")
+        self.register_buffer("points", torch.zeros(int(num_keypoints), spatial_dims))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def sample_(self, image: torch.Tensor, threshold: float = 0.1, generator: torch.Generator | None = None) -> None:
+        """Sample the points from ``image[:1]`` ``(B, C, *spatial)`` (:func:`sample_reference_points`)."""
+        if image.ndim - 2 != self.points.shape[1]:
+            raise ValueError(f"image must have {self.points.shape[1]} spatial dims, got shape {tuple(image.shape)}")
+        points = sample_reference_points(image[:1], self.points.shape[0], threshold, generator)[0]
+        self.points.copy_(points)
+        self.initialized.fill_(True)
+
+    def forward(self) -> torch.Tensor:
+        if not bool(self.initialized):
+            raise ValueError("reference keypoints are not sampled yet (call sample_ or load a checkpoint)")
+        return self.points
+
+
+def one_hot_label_pair(
+    fixed_label: torch.Tensor,
+    moving_label: torch.Tensor,
+    max_channels: int | None = None,
+    num_labels: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-hot maps of a pair of integer label maps ``(B, 1, *spatial)`` with the same channel order.
+
+    * ``max_channels`` set (reference ``--max_train_seg_channels``): the labels present in **both** maps (whole
+      batch; background included when present), a random subset of at most ``max_channels`` of them;
+    * else ``num_labels`` set: labels ``0 .. num_labels - 1`` (the reference's ``F.one_hot``; absent labels give
+      all-zero channels, which score a constant Dice 1);
+    * else the labels present in either map.
+
+    Returns ``(fixed_onehot, moving_onehot, labels)``, float ``(B, L, *spatial)`` and the label values ``(L,)``.
+    """
+    for name, label in (("fixed_label", fixed_label), ("moving_label", moving_label)):
+        if not isinstance(label, torch.Tensor) or label.ndim not in (4, 5) or label.shape[1] != 1:
+            shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
+            raise ValueError(f"{name} must be an integer label map (B, 1, *spatial), got {shape}")
+    fixed_ids, moving_ids = fixed_label.round().long(), moving_label.round().long()
+    if max_channels is not None:
+        if int(max_channels) < 1:
+            raise ValueError(f"max_channels must be >= 1, got {max_channels}")
+        common = fixed_ids.unique()[torch.isin(fixed_ids.unique(), moving_ids.unique())]
+        if common.numel() == 0:
+            raise ValueError("fixed_label and moving_label share no label")
+        if common.numel() > int(max_channels):
+            pick = torch.randperm(common.numel(), generator=generator)[: int(max_channels)]
+            common = common[pick.to(common.device)]
+        labels = common
+    elif num_labels is not None:
+        labels = torch.arange(int(num_labels), device=fixed_ids.device)
+        if fixed_ids.max() >= num_labels or moving_ids.max() >= num_labels or min(fixed_ids.min(), moving_ids.min()) < 0:
+            raise ValueError(f"label values must lie in [0, num_labels={num_labels})")
+    else:
+        labels = torch.cat([fixed_ids.unique(), moving_ids.unique()]).unique()
+    shape = (1, -1) + (1,) * (fixed_ids.ndim - 2)
+    values = labels.view(shape)
+    dtype = torch.float32
+    return (fixed_ids == values).to(dtype), (moving_ids == values).to(dtype), labels
+
+
+def _model(network: nn.Module) -> nn.Module:
+    """The module behind a ``DataParallel`` / ``DistributedDataParallel`` wrapper."""
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
+def _keypoints(network: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Keypoints ``(B, K, n)`` of ``image``: ``KeyMorph.keypoints`` or a detector's output (first item of a tuple)."""
+    model = _model(network)
+    out = model.keypoints(image)[0] if hasattr(model, "keypoints") else network(image)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _AugmentingIteration:
+    """Shared parts: the ramped random KeyMorph affine and the ``SupervisedTrainer`` checks."""
+
+    def __init__(self, max_params: Sequence[float], affine_slope: float, shared: bool, seed: int | None) -> None:
+        self.max_params = tuple(float(v) for v in max_params)
+        random_keymorph_affine(self.max_params)  # validates
+        self.affine_slope = float(affine_slope)
+        self.shared = shared
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    @staticmethod
+    def _check_engine(engine: Any, batchdata: Any) -> None:
+        if batchdata is None:
+            raise ValueError("batchdata must not be None")
+        if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError("KeyMorph iterations support neither amp nor accumulation_steps > 1")
+
+    def random_matrix(self, engine: Any, like: torch.Tensor) -> torch.Tensor | None:
+        """``(B, n + 1, n + 1)`` augmentation for this epoch's ramp, or None if all maxima are 0."""
+        if not any(self.max_params):
+            return None
+        scale = augmentation_ramp(engine.state.epoch, self.affine_slope)
+        return random_keymorph_affine(
+            self.max_params, scale, self.generator, like.shape[0], self.shared, like.ndim - 2, like.dtype, like.device
+        )
+
+
+class KeyMorphPretrainIteration(_AugmentingIteration):
+    """``iteration_update`` for ``SupervisedTrainer``: one step of KeyMorph's self-supervised pretraining.
+
+    For a batch image ``x`` ``(B, 1, *spatial)`` (any subject, any modality): draw ``M`` with the maxima scaled by
+    the ramp ``min(epoch / affine_slope, 1)``, ``x' = warp(x, M)``, target ``t = M . ref_points``, prediction
+    ``p = keypoints(x')``, loss ``engine.loss_function(p, t)`` (``torch.nn.MSELoss()``: the reference's
+    ``F.mse_loss``); backward and ``engine.optimizer`` step. ``engine.network`` is a
+    :class:`~monai_ext.networks.keymorph.KeyMorph` (its ``keypoints``) or a keypoint detector returning
+    ``(B, K, n)`` points. The reference points are sampled from the first batch's first image if ``reference`` is
+    not yet initialised.
+
+    ``engine.state.output``: ``image`` (the input), ``image_augmented``, ``matrix``, ``points`` (also ``pred``),
+    ``points_target`` and ``loss``. Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``,
+    ``MODEL_COMPLETED``.
+
+    Args:
+        reference: the target holder (save it with the checkpoint).
+        max_params: augmentation maxima ``(s, o, a, z)`` (reference pretraining ``(0.2, 0.2, 3.1416, 0.1)``).
+        affine_slope: ramp length in epochs (``<= 0``: no ramp; README 1000, BrainMorph 5000).
+        image_key: batch key of the image.
+        threshold: reference sampling threshold.
+        shared: one augmentation for the whole batch (reference) or one per item.
+        reference_grid: the reference's mixed image read convention for the augmentation.
+        seed: seed of a private generator for augmentations and reference points (global RNG if None).
+    """
+
+    def __init__(
+        self,
+        reference: ReferenceKeypoints,
+        max_params: Sequence[float] = (0.2, 0.2, 3.1416, 0.1),
+        affine_slope: float = -1,
+        image_key: str = "image",
+        threshold: float = 0.1,
+        shared: bool = True,
+        reference_grid: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(reference, ReferenceKeypoints):
+            raise TypeError(f"reference must be a ReferenceKeypoints, got {type(reference).__name__}")
+        super().__init__(max_params, affine_slope, shared, seed)
+        self.reference = reference
+        self.image_key = image_key
+        self.threshold = threshold
+        self.reference_grid = reference_grid
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        self._check_engine(engine, batchdata)
+        (image,) = _to_device(engine, batchdata, (self.image_key,))
+        if image is None:
+            raise ValueError(f"batch must contain {self.image_key!r}, got keys {sorted(batchdata)}")
+        if not bool(self.reference.initialized):
+            self.reference.sample_(image, self.threshold, self.generator)
+        targets = self.reference().to(dtype=image.dtype, device=image.device).expand(image.shape[0], -1, -1)
+        matrix = self.random_matrix(engine, image)
+        augmented = image
+        if matrix is not None:
+            augmented = apply_keymorph_affine(matrix, image=image, reference_grid=self.reference_grid)["image"]
+            targets = transform_points(matrix, targets)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        points = _keypoints(engine.network, augmented)
+        engine.state.output = {
+            self.image_key: image,
+            f"{self.image_key}_augmented": augmented,
+            "matrix": matrix,
+            "points": points,
+            "points_target": targets,
+            Keys.PRED: points,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = engine.loss_function(points, targets).mean()
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class KeyMorphTrainIteration(_AugmentingIteration):
+    """``iteration_update`` for ``SupervisedTrainer``: one KeyMorph registration training step (spec 8.2).
+
+    1. the moving image (and its label map, nearest neighbour) is augmented by a random KeyMorph affine with the
+       maxima scaled by the ramp (fixed image untouched);
+    2. ``engine.network.register(moving, fixed, alignment)`` (a :class:`~monai_ext.networks.keymorph.KeyMorph` in
+       training mode: random TPS ``lambda`` per batch item for ``tps_uniform`` / ``tps_loguniform`` /
+       ``tps_lognormal``, random keypoint subset if ``max_train_keypoints``) gives the DDF;
+    3. the moving image is warped (linear, border) and, when labels are given and the loss needs them, the moving
+       one-hot map is warped linearly (differentiable, as the reference) against the fixed one-hot map
+       (:func:`one_hot_label_pair`);
+    4. ``engine.loss_function(moving_warped, fixed, moving_label_warped, fixed_label)`` (a
+       :class:`~monai_ext.losses.keymorph.KeyMorphLoss`; a dict with ``"loss"`` or a scalar); backward, step;
+    5. if ``consistency_weight > 0``: a separate step (as the reference's ``kpconsistency_step``) on the batch
+       images under ``consistency_keys`` (the same subject in two modalities): both get the same random affine,
+       loss ``consistency_weight * MSE(keypoints_1, keypoints_2)``; backward, step.
+
+    ``engine.state.output``: ``moving_image`` (augmented), ``fixed_image``, ``moving_image_warped``,
+    ``forward_ddf`` (also ``pred``), ``points_fixed``, ``points_moving``, ``points_aligned``, ``matrix`` (the
+    augmentation or None), ``loss``, every loss term detached, ``labels`` (the label values used) and
+    ``kpconsistency``. Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and
+    ``MODEL_COMPLETED`` (after both steps), like the SITReg iteration.
+
+    Args:
+        moving_key, fixed_key: batch keys of the images ``(B, 1, *spatial)``.
+        moving_label_key, fixed_label_key: optional batch keys of integer label maps ``(B, 1, *spatial)``.
+        alignment: training alignment; default ``engine.network.alignment``.
+        max_params: augmentation maxima ``(s, o, a, z)``; reference training ``(0.2, 0.2, 3.1416, 0.1)``,
+            ``main``'s default ``(0, 0, 0, 0)`` (no augmentation).
+        affine_slope: ramp length in epochs (``<= 0``: no ramp).
+        max_train_seg_channels: random subset of at most this many labels present in both maps (BrainMorph 14).
+        num_labels: one-hot over ``0 .. num_labels - 1`` when no subset is used (default: labels present).
+        consistency_keys: two batch keys holding co-registered images of one subject (e.g. T1, T2).
+        consistency_weight: the reference's ``kpconsistency_coeff`` (README example 10); 0 disables the step.
+        shared: one augmentation for the whole batch (reference) or one per item.
+        reference_grid: augmentation read convention; default ``engine.network.reference_grid``.
+        seed: seed of a private generator for augmentations and label subsets (global RNG if None).
+    """
+
+    def __init__(
+        self,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str | None = None,
+        fixed_label_key: str | None = None,
+        alignment: str | None = None,
+        max_params: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+        affine_slope: float = -1,
+        max_train_seg_channels: int | None = None,
+        num_labels: int | None = None,
+        consistency_keys: Sequence[str] | None = None,
+        consistency_weight: float = 0.0,
+        shared: bool = True,
+        reference_grid: bool | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(max_params, affine_slope, shared, seed)
+        if (moving_label_key is None) != (fixed_label_key is None):
+            raise ValueError("give both moving_label_key and fixed_label_key, or neither")
+        if consistency_weight < 0:
+            raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight}")
+        if consistency_weight > 0 and (consistency_keys is None or len(consistency_keys) != 2):
+            raise ValueError(f"consistency_weight > 0 needs two consistency_keys, got {consistency_keys}")
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+        self.alignment = alignment
+        self.max_train_seg_channels = max_train_seg_channels
+        self.num_labels = num_labels
+        self.consistency_keys = tuple(consistency_keys) if consistency_keys is not None else None
+        self.consistency_weight = float(consistency_weight)
+        self.consistency_loss = KeypointConsistencyLoss()
+        self.reference_grid = reference_grid
+
+    def _reference_grid(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "reference_grid", False)) if self.reference_grid is None else self.reference_grid
+
+    def _consistency_step(self, engine: Any, batchdata: Mapping[str, Any], model: nn.Module) -> torch.Tensor:
+        first, second = _to_device(engine, batchdata, self.consistency_keys)
+        if first is None or second is None or first.shape != second.shape:
+            raise ValueError(f"batch must contain two same-shaped images under {self.consistency_keys}")
+        matrix = self.random_matrix(engine, first)
+        if matrix is not None:
+            first, second = (
+                apply_keymorph_affine(matrix, image=x, reference_grid=self._reference_grid(model))["image"]
+                for x in (first, second)
+            )
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss = self.consistency_weight * self.consistency_loss(
+            _keypoints(engine.network, first), _keypoints(engine.network, second)
+        )
+        loss.backward()
+        engine.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        self._check_engine(engine, batchdata)
+        moving, fixed, moving_label, fixed_label = _to_device(engine, batchdata, self.keys)
+        if moving is None or fixed is None:
+            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        model = _model(engine.network)
+        if not hasattr(model, "register"):
+            raise ValueError(f"engine.network must be a KeyMorph (with register), got {type(model).__name__}")
+        alignment = self.alignment or model.alignment
+        matrix = self.random_matrix(engine, moving)
+        if matrix is not None:
+            augmented = apply_keymorph_affine(
+                matrix, image=moving, label=moving_label, reference_grid=self._reference_grid(model)
+            )
+            moving, moving_label = augmented["image"], augmented.get("label", moving_label)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        result = model.register(moving, fixed, alignment)[alignment]
+        ddf = result["ddf"]
+        moving_warped = warp(moving, ddf)
+        engine.state.output = {
+            self.keys[0]: moving,
+            self.keys[1]: fixed,
+            f"{self.keys[0]}_warped": moving_warped,
+            "forward_ddf": ddf,
+            Keys.PRED: ddf,
+            "matrix": matrix,
+            **{k: result[k] for k in ("points_fixed", "points_moving", "points_aligned")},
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        label_args: tuple[torch.Tensor, ...] = ()
+        if moving_label is not None and fixed_label is not None and getattr(engine.loss_function, "needs_labels", True):
+            fixed_onehot, moving_onehot, labels = one_hot_label_pair(
+                fixed_label, moving_label, self.max_train_seg_channels, self.num_labels, self.generator
+            )
+            label_args = (warp(moving_onehot.to(ddf.dtype), ddf), fixed_onehot.to(ddf.dtype))
+            engine.state.output["labels"] = labels
+        terms = engine.loss_function(moving_warped, fixed, *label_args)
+        if not isinstance(terms, Mapping):
+            terms = {Keys.LOSS: terms}
+        if Keys.LOSS not in terms:
+            raise ValueError(f"the loss function must return a dict with key 'loss', got keys {sorted(terms)}")
+        loss = terms[Keys.LOSS].mean()
+        engine.state.output.update({k: v.detach() for k, v in terms.items() if k != Keys.LOSS})
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        if self.consistency_weight > 0:
+            engine.state.output["kpconsistency"] = self._consistency_step(engine, batchdata, model)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

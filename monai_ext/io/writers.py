@@ -1,0 +1,47 @@
+"""Atomic file output: a destination file either appears complete or not at all.
+
+Every writer in :mod:`monai_ext.io` writes to a hidden temporary file in the destination's directory
+and moves it onto the destination with ``os.replace`` (atomic on POSIX and Windows within one file
+system). A failure part-way (an exception, a full disk) removes the temporary file and leaves any
+earlier file at the destination untouched, so a command line run that fails exits without partial outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_output"]
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Context manager yielding a temporary path to write ``path``'s content to.
+
+    The temporary name ends with ``path``'s file name (so writers that choose the format from the
+    extension, such as ``itk.imwrite`` for ``.nii.gz``, behave the same). On a normal exit it replaces
+    ``path``; on an exception it is deleted and the exception propagates. Missing parent directories
+    are created.
+
+    Example::
+
+        with atomic_output("out/warped.nii.gz") as tmp:
+            itk.imwrite(image, str(tmp))
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output path {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError(f"writing {path} produced no data")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
