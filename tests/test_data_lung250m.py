@@ -12,7 +12,7 @@ import pytest
 import torch
 from http_server import serve
 
-from monai_ext.data.base import centered_crop_or_pad_offsets
+from monai_ext.data.base import AvgPoold, centered_crop_or_pad_offsets, volume_transforms
 from monai_ext.data.lung250m import (
     LUNG250M_DIVISIONS,
     download_lung250m,
@@ -126,3 +126,14 @@ def test_intra_case_training_items(fake_lung, tmp_path):
     assert item["moving_image"].shape == item["fixed_mask"].shape == (1, 2, 3, 2)
     assert item["moving_image"].meta["filename_or_obj"].endswith("case_001_1.nii.gz")
     assert item["fixed_image"].meta["filename_or_obj"].endswith("case_001_2.nii.gz")
+
+
+def test_centered_crop_or_pad_offsets_and_bad_arguments():
+    """Padding 4 -> 7 puts 3 // 2 = 1 voxel before; cropping 7 -> 4 removes 3 // 2 = 1 before; 8 -> 5 removes 1."""
+    assert centered_crop_or_pad_offsets((4, 7, 8, 5), (7, 4, 5, 5)) == [1, -1, -1, 0]
+    with pytest.raises(ValueError, match="spatial_size"):
+        centered_crop_or_pad_offsets((4, 4), (4, 4, 4))
+    with pytest.raises(ValueError, match="scale"):
+        volume_transforms(["image"], shift_scale=(0.0, 0.0))
+    with pytest.raises(ValueError, match="factor"):
+        AvgPoold("image", (2, 2))({"image": torch.zeros(1, 4, 4, 4)})

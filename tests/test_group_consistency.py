@@ -42,7 +42,8 @@ DTYPE = torch.float64
 
 def _constant(shift, shape=SHAPE) -> torch.Tensor:
     """Voxel DDF of a translation: constant ``shift`` everywhere, ``(1, n, *shape)``."""
-    return torch.tensor(shift, dtype=DTYPE).view(1, len(shape), *([1] * len(shape))).expand(1, len(shape), *shape).clone()
+    n = len(shape)
+    return torch.tensor(shift, dtype=DTYPE).view(1, n, *([1] * n)).expand(1, n, *shape).clone()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,8 +57,7 @@ def test_consistent_translations_give_zero():
     inverse = [-f for f in forward]
     masks = [(torch.rand(1, 1, *SHAPE, dtype=DTYPE) > 0.3).to(DTYPE) for _ in range(3)]
     assert cycle_consistency(forward, inverse, masks).item() == pytest.approx(0.0, abs=1e-28)
-    # a non-zero cycle for the same fields in the wrong order of pairs is not a concern for translations
-    # (they commute); the order is checked with affine maps below
+    # translations commute: the composition order is checked with affine maps below
 
 
 def test_hand_derived_value_with_mask():
@@ -131,7 +131,7 @@ def _rotation_about_centre(angle: float, axes: tuple[int, int], shape) -> np.nda
 
 
 def _affine_reference(matrices, shape, h) -> float:
-    """``c`` of ``A_1 o A_2 o A_3`` (voxel matrices, outermost first), validity = every sampled point inside the grid."""
+    """``c`` of ``A_1 o A_2 o A_3`` (voxel matrices, outermost first); valid = every sampled point inside the grid."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).reshape(3, -1)
     points, valid = grid.astype(np.float64), np.ones(grid.shape[1], dtype=bool)
     for k, matrix in enumerate(reversed(matrices)):

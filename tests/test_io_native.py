@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ def oblique_affine(axes: np.ndarray, spacing, angle_deg: float, shape, centre) -
 # fixed stored LPI, moving stored PSR (axis 0 -> P, 1 -> S, 2 -> R); both oblique and anisotropic
 NATIVE_FIXED = oblique_affine(np.diag([-1.0, -1.0, -1.0]), (1.2, 0.8, 1.5), 15.0, NATIVE_FIXED_SHAPE, (1.0, 2.0, 3.0))
 NATIVE_MOVING = oblique_affine(
-    np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (1.1, 0.9, 1.3), -10.0, NATIVE_MOVING_SHAPE, (2.0, 1.0, 2.0)
+    np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+    (1.1, 0.9, 1.3),
+    -10.0,
+    NATIVE_MOVING_SHAPE,
+    (2.0, 1.0, 2.0),
 )
 # a world (RAS mm) map from fixed points to moving points
 WORLD = np.array([[0.98, -0.1, 0.05, 1.5], [0.12, 1.03, 0.0, -1.0], [-0.04, 0.02, 0.97, 0.5], [0, 0, 0, 1]])
@@ -51,8 +56,12 @@ def native_files(tmp_path):
     """Fixed / moving images and a fixed label map on their native (oblique, non-RAS) grids."""
     labels = (smooth(NATIVE_FIXED, NATIVE_FIXED_SHAPE) > 0.5).astype(np.int64) * 7 + 1
     return {
-        "fixed": write_image(tmp_path / "fixed.nii.gz", smooth(NATIVE_FIXED, NATIVE_FIXED_SHAPE).astype(np.float32), NATIVE_FIXED),
-        "moving": write_image(tmp_path / "moving.nrrd", smooth(NATIVE_MOVING, NATIVE_MOVING_SHAPE).astype(np.float32), NATIVE_MOVING),
+        "fixed": write_image(
+            tmp_path / "fixed.nii.gz", smooth(NATIVE_FIXED, NATIVE_FIXED_SHAPE).astype(np.float32), NATIVE_FIXED
+        ),
+        "moving": write_image(
+            tmp_path / "moving.nrrd", smooth(NATIVE_MOVING, NATIVE_MOVING_SHAPE).astype(np.float32), NATIVE_MOVING
+        ),
         "label": write_image(tmp_path / "label.nii.gz", labels, NATIVE_FIXED),
     }
 
@@ -84,7 +93,9 @@ def test_model_affine_locates_model_voxels_in_native_file(native_files):
     out = preprocess(native_files, intensity=None)
     native = torch.from_numpy(smooth(NATIVE_FIXED, NATIVE_FIXED_SHAPE))[None, None]
     model_to_native = np.linalg.inv(NATIVE_FIXED) @ np.asarray(out["fixed"].affine, dtype=np.float64)
-    coords = affine_to_ddf(torch.from_numpy(model_to_native)[None], MODEL_SHAPE) + voxel_grid(MODEL_SHAPE, torch.float64)
+    coords = affine_to_ddf(torch.from_numpy(model_to_native)[None], MODEL_SHAPE) + voxel_grid(
+        MODEL_SHAPE, torch.float64
+    )
     inside = ((coords >= 0) & (coords <= torch.tensor(NATIVE_FIXED_SHAPE).view(1, 3, 1, 1, 1) - 1)).all(1)[0]
     assert inside.float().mean() > 0.15
     ours = sample(native, coords)[0, 0]
@@ -100,23 +111,46 @@ def test_ddf_model_to_native_is_exact_for_affine_maps(native_files, dtype, atol)
     model_fixed, model_moving = (np.asarray(out[k].affine, dtype=np.float64) for k in ("fixed", "moving"))
     model_voxel = np.linalg.inv(model_moving) @ WORLD @ model_fixed
     ddf_model = affine_to_ddf(torch.from_numpy(model_voxel)[None], MODEL_SHAPE).to(dtype)
-    args = (out["fixed"].affine, out["moving"].affine, NATIVE_FIXED, NATIVE_FIXED_SHAPE, torch.from_numpy(NATIVE_MOVING))
+    args = (
+        out["fixed"].affine,
+        out["moving"].affine,
+        NATIVE_FIXED,
+        NATIVE_FIXED_SHAPE,
+        torch.from_numpy(NATIVE_MOVING),
+    )
     native = ddf_model_to_native(ddf_model, *args)
     assert native.shape == (1, 3, *NATIVE_FIXED_SHAPE) and native.dtype == dtype
-    expected = affine_to_ddf(torch.from_numpy(np.linalg.inv(NATIVE_MOVING) @ WORLD @ NATIVE_FIXED)[None], NATIVE_FIXED_SHAPE)
+    expected = affine_to_ddf(
+        torch.from_numpy(np.linalg.inv(NATIVE_MOVING) @ WORLD @ NATIVE_FIXED)[None], NATIVE_FIXED_SHAPE
+    )
     native_to_model = np.linalg.inv(model_fixed) @ NATIVE_FIXED
-    coords = voxel_grid(NATIVE_FIXED_SHAPE, torch.float64) + affine_to_ddf(torch.from_numpy(native_to_model)[None], NATIVE_FIXED_SHAPE)[0]
+    coords = (
+        voxel_grid(NATIVE_FIXED_SHAPE, torch.float64)
+        + affine_to_ddf(torch.from_numpy(native_to_model)[None], NATIVE_FIXED_SHAPE)[0]
+    )
     inside = ((coords >= 0) & (coords <= MODEL_SHAPE[0] - 1)).all(0)
     assert inside.float().mean() > 0.5
     torch.testing.assert_close(native[0][:, inside].double(), expected[0][:, inside], atol=atol, rtol=0)
 
     grid = voxel_grid(NATIVE_FIXED_SHAPE, torch.float64).reshape(3, -1)
     fixed_world = torch.from_numpy(NATIVE_FIXED[:3, :3]) @ grid + torch.from_numpy(NATIVE_FIXED[:3, 3:])
-    ras = (torch.from_numpy(WORLD[:3, :3]) @ fixed_world + torch.from_numpy(WORLD[:3, 3:]) - fixed_world).reshape(3, *NATIVE_FIXED_SHAPE)
+    ras = (torch.from_numpy(WORLD[:3, :3]) @ fixed_world + torch.from_numpy(WORLD[:3, 3:]) - fixed_world).reshape(
+        3, *NATIVE_FIXED_SHAPE
+    )
     world_atol = atol * 10
-    torch.testing.assert_close(ddf_model_to_native(ddf_model, *args, units="ras")[0][:, inside].double(), ras[:, inside], atol=world_atol, rtol=0)
+    torch.testing.assert_close(
+        ddf_model_to_native(ddf_model, *args, units="ras")[0][:, inside].double(),
+        ras[:, inside],
+        atol=world_atol,
+        rtol=0,
+    )
     lps = ras * torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64).view(3, 1, 1, 1)
-    torch.testing.assert_close(ddf_model_to_native(ddf_model, *args, units="lps")[0][:, inside].double(), lps[:, inside], atol=world_atol, rtol=0)
+    torch.testing.assert_close(
+        ddf_model_to_native(ddf_model, *args, units="lps")[0][:, inside].double(),
+        lps[:, inside],
+        atol=world_atol,
+        rtol=0,
+    )
 
 
 def test_ddf_model_to_native_batches_and_border():
@@ -175,6 +209,9 @@ def test_load_image_errors_name_the_file(tmp_path, native_files):
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
     with pytest.raises(ValueError, match="nan.nii.gz: 1 voxels are NaN"):
         load_image(tmp_path / "nan.nii.gz")
+    itk.imwrite(itk.image_from_array(data), str(tmp_path / "nan.mha"))  # the ITK reader path
+    with pytest.raises(ValueError, match="nan.mha: 1 voxels are NaN"):
+        load_image(tmp_path / "nan.mha")
     nib.save(nib.Nifti1Image(np.full((6, 6, 6), 1.5, np.float32), np.eye(4)), tmp_path / "soft.nii.gz")
     with pytest.raises(ValueError, match="soft.nii.gz: a label map must hold integer values"):
         load_image(tmp_path / "soft.nii.gz", label=True)

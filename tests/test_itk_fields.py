@@ -43,7 +43,7 @@ def rotation(angles_deg) -> np.ndarray:
 
 
 def grid_affine(axes: np.ndarray, spacing, angles, shape, centre) -> np.ndarray:
-    """Voxel to RAS affine: signed permutation ``axes`` (orientation), voxel size, rotation, grid centred at ``centre``."""
+    """Voxel to RAS affine: signed permutation ``axes`` (orientation), voxel size, rotation, centred at ``centre``."""
     affine = np.eye(4)
     affine[:3, :3] = rotation(angles) @ axes @ np.diag(spacing)
     affine[:3, 3] = np.asarray(centre) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
@@ -150,7 +150,9 @@ def test_displacement_file_holds_lps_mm_vectors_with_vector_intent(tmp_path):
     assert stored.header.get_intent()[0] == "vector"
     np.testing.assert_allclose(stored.affine, FIXED_AFFINE, atol=1e-4)
     # by hand: moving world point of x + u(x) minus fixed world point of x, then RAS -> LPS (negate x, y)
-    moving_points = np.einsum("ij,j...->i...", MOVING_AFFINE[:3, :3], (voxel_grid(FIXED_SHAPE, torch.float64)[None] + ddf)[0].numpy())
+    moving_points = np.einsum(
+        "ij,j...->i...", MOVING_AFFINE[:3, :3], (voxel_grid(FIXED_SHAPE, torch.float64)[None] + ddf)[0].numpy()
+    )
     moving_points += MOVING_AFFINE[:3, 3].reshape(3, 1, 1, 1)
     expected = (moving_points - world_points(FIXED_AFFINE, FIXED_SHAPE)) * np.array([-1, -1, 1]).reshape(3, 1, 1, 1)
     np.testing.assert_allclose(np.moveaxis(stored.get_fdata()[..., 0, :], -1, 0), expected, atol=1e-5)
@@ -202,7 +204,7 @@ def test_itk_displacement_field_transform_matches_our_warp(tmp_path):
     assert np.abs(ours - wrong)[inside].max() / scale > 0.05
 
 
-@pytest.mark.parametrize("suffix", [".tfm", ".mat"])
+@pytest.mark.parametrize("suffix", [".tfm", ".mat", ".h5"])
 def test_itk_affine_file_matches_affine_to_ddf(tmp_path, suffix):
     """An affine written in world RAS (``.tfm``) or voxel (``.mat``) form and applied by ITK equals our warp."""
     world = np.eye(4)
@@ -250,7 +252,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="shear"):
         ddf_to_itk_displacement(ddf, sheared)
     with pytest.raises(ValueError, match="non-finite"):
-        write_displacement_field(tmp_path / "nan.nii.gz", ddf.clone().index_fill_(2, torch.tensor([0]), float("nan")), FIXED_AFFINE)
+        write_displacement_field(
+            tmp_path / "nan.nii.gz", ddf.clone().index_fill_(2, torch.tensor([0]), float("nan")), FIXED_AFFINE
+        )
     with pytest.raises(ValueError, match="one field"):
         ddf_to_itk_displacement(ddf.expand(2, -1, -1, -1, -1), FIXED_AFFINE)
     with pytest.raises(ValueError, match="moving_affine"):

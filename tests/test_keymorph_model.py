@@ -404,6 +404,31 @@ def test_tps_0_maps_fixed_keypoints_exactly_onto_moving_keypoints():
     torch.testing.assert_close(at_keypoints, (voxels_m - voxels_f)[0], rtol=0, atol=1e-8)
 
 
+def test_different_moving_and_fixed_grids():
+    """Same normalized box: fixed voxel x of N is moving voxel 2x of 2N - 1 (consistent convention) and
+    (2x) * (2N - 1) / (2N - 2) - 0.5 in the reference's (v = (p + 1) N_m / 2 - 0.5 with p = -1 + 2x / (N - 1))."""
+    points, fixed_shape = random_points(1, 8, 9), (5, 6, 7)
+    moving_shape = tuple(2 * s - 1 for s in fixed_shape)
+    grid = voxel_grid(fixed_shape, F64)[None]
+    for alignment in ("affine", "tps_0"):
+        transform = fit_keypoint_transform(points, points, alignment)
+        torch.testing.assert_close(transform.ddf(fixed_shape, moving_shape), grid, rtol=0, atol=1e-9)
+        size = torch.tensor(moving_shape, dtype=F64).view(1, 3, 1, 1, 1)
+        expected = 2 * grid * size / (size - 1) - 0.5 - grid
+        torch.testing.assert_close(transform.ddf(fixed_shape, moving_shape, True), expected, rtol=0, atol=1e-9)
+
+
+def test_training_gradients_reach_the_backbone():
+    """Unsupervised training step (MSE after warping) with a random TPS lambda: finite, non-zero gradients."""
+    backbone = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Softplus())
+    model = KeyMorph(backbone, "tps_loguniform", max_train_keypoints=5).train()
+    fixed, moving = smooth_image((12, 12, 12), 10).float(), smooth_image((12, 12, 12), 11).float()
+    ddf = model(torch.cat([moving, fixed], dim=1))
+    (warp(moving, ddf) - fixed).square().mean().backward()
+    grads = [p.grad for p in backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and grads[0].abs().sum() > 0
+
+
 BLOBS = torch.tensor([[4, 4, 4], [4, 12, 6], [12, 5, 5], [6, 6, 13], [11, 12, 12], [8, 9, 4]])
 
 
@@ -557,14 +582,21 @@ def test_bad_input_errors_are_clear_and_never_nan():
     with pytest.raises(ValueError, match="N >= 2"):
         groupwise_keypoints(points, "affine")
 
-    # an empty image: every heatmap is zero -> every keypoint at the corner (reference) -> degenerate, not NaN
+    # an empty image (all heatmaps zero): a clear error, never NaN; a few empty heatmaps follow the reference's
+    # corner fallback (-1) and can make the keypoints degenerate, which the fit reports
     identity = KeyMorph(nn.Identity(), "affine").eval()
     empty = torch.zeros(1, 6, 20, 20, 20)
-    assert (identity.keypoints(empty)[0] == -1).all()
+    for alignment in ("affine", "rigid", "tps_0"):
+        with pytest.raises(ValueError, match="moving: every heatmap is empty"):
+            identity.register(empty, blob_image(dtype=torch.float32), alignment)
+    with pytest.raises(ValueError, match="fixed: every heatmap is empty"):
+        KeyMorph(nn.Identity(), weighted=True).eval().register(blob_image(dtype=torch.float32), empty)
+    partly_empty = blob_image(dtype=torch.float32)
+    partly_empty[:, 1:] = 0  # one blob and five corner points: two distinct points
+    points, _ = identity.keypoints(partly_empty)
+    assert (points[0, 1:] == -1).all() and torch.isfinite(points).all()
     for alignment in ("affine", "rigid", "tps_0"):
         with pytest.raises(ValueError, match="degenerate"):
-            identity.register(empty, blob_image(dtype=torch.float32), alignment)
-    with pytest.raises(ValueError, match="no keypoint has positive mass"):
-        KeyMorph(nn.Identity(), weighted=True).eval().register(empty, empty)
+            identity.register(partly_empty, blob_image(dtype=torch.float32), alignment)
     with pytest.raises(ValueError, match="channels without positive values"):
-        KeyMorph(KeypointDetector(nn.Identity(), empty="raise")).eval().register(empty, empty)
+        KeyMorph(KeypointDetector(nn.Identity(), empty="raise")).eval().register(partly_empty, partly_empty)

@@ -28,7 +28,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 
 from monai_ext.spatial.affine import affine_matrix_from_parameters, transform_points
 from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_centered_normalized
-from monai_ext.spatial.sampling import affine_to_ddf, warp
+from monai_ext.spatial.sampling import affine_to_ddf, voxel_grid, warp
 
 __all__ = ["resample_world_affine", "RandSITRegAffined"]
 
@@ -59,8 +59,8 @@ def resample_world_affine(
 
     Returns:
         ``(resampled (C, *spatial), fov_mask (1, *spatial))``: the image's type (MetaTensor with the same
-        affine) and dtype are kept; the mask is 1.0
-        where ``M x`` falls inside the input grid (between its outermost voxel centres) and 0.0 elsewhere.
+        affine) and dtype are kept; the mask is 1.0 where ``M x`` falls inside the input grid (between its
+        outermost voxel centres) and 0.0 elsewhere, in the image's floating dtype.
     """
     n = image.ndim - 1
     if n not in (2, 3):
@@ -72,7 +72,7 @@ def resample_world_affine(
     plain = torch.as_tensor(image).as_subclass(torch.Tensor)
     dtype = plain.dtype if plain.is_floating_point() else torch.float32
     ddf = affine_to_ddf(voxel_matrix[None], shape)  # float64: keeps the FOV test exact
-    coords = ddf + torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij"))
+    coords = ddf + voxel_grid(shape, torch.float64)
     upper = torch.tensor(shape, dtype=torch.float64).view(1, n, *[1] * n) - 1
     inside = ((coords >= -_FOV_TOLERANCE) & (coords <= upper + _FOV_TOLERANCE)).all(dim=1)
     warped = warp(plain[None], ddf.to(dtype=dtype, device=plain.device), mode=mode, padding="border")[0].to(plain.dtype)

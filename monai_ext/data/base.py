@@ -245,7 +245,7 @@ class LoadPointsd(MapTransform):
             value = d[key]
             if isinstance(value, (str, os.PathLike)):
                 value = np.loadtxt(value, delimiter=",", ndmin=2)
-            points = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value).float()
+            points = (value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))).float()
             if points.ndim != 2 or points.shape[1] not in (2, 3):
                 raise ValueError(f"{key} must hold (N, 2) or (N, 3) points, got shape {tuple(points.shape)}")
             d[key] = points
@@ -297,16 +297,15 @@ def volume_transforms(
     if downsample != 1 and pooled:
         transforms.append(AvgPoold(pooled, downsample))
     if (clip is not None or shift_scale is not None) and image_keys:
-        low, high = clip if clip is not None else (0.0, 1.0)
+        # (x - shift) / scale as MONAI's linear range map; with clip, the range is [low, high] and the output is clipped
         shift, scale = shift_scale if shift_scale is not None else (0.0, 1.0)
-        transforms.append(
-            ScaleIntensityRanged(
-                image_keys, a_min=shift, a_max=shift + scale, b_min=0.0, b_max=1.0, clip=False
-            )
-            if clip is None
-            else ScaleIntensityRanged(image_keys, a_min=low, a_max=high, b_min=(low - shift) / scale,
-                                      b_max=(high - shift) / scale, clip=True)
-        )
+        low, high = clip if clip is not None else (shift, shift + scale)
+        if scale == 0 or not high > low:
+            raise ValueError(f"shift_scale must have a non-zero scale and clip low < high, got {shift_scale}, {clip}")
+        transforms.append(ScaleIntensityRanged(
+            image_keys, a_min=low, a_max=high, b_min=(low - shift) / scale, b_max=(high - shift) / scale,
+            clip=clip is not None,
+        ))
     if mask_keys:
         transforms.append(AsDiscreted(mask_keys, threshold=MASK_THRESHOLD))
     transforms.append(EnsureTyped(keys=image_keys + mask_keys, dtype=torch.float32))

@@ -44,6 +44,7 @@ from monai_ext.spatial.sampling import affine_to_ddf, warp
 
 __all__ = [
     "keymorph_affine_matrix",
+    "check_max_params",
     "fixed_keymorph_affine",
     "rotation_augmentation_params",
     "random_keymorph_parameters",
@@ -116,10 +117,13 @@ def keymorph_affine_matrix(
     return shearing @ scaling @ translation @ rotation
 
 
-def _check_max_params(max_params: Sequence[float]) -> tuple[float, float, float, float]:
+def check_max_params(max_params: Sequence[float]) -> tuple[float, float, float, float]:
+    """``max_params`` ``(s, o, a, z)`` as floats; ``ValueError`` unless 4 finite non-negative numbers."""
     values = tuple(float(v) for v in max_params)
     if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"max_params must be 4 finite non-negative numbers (scale, offset, angle, shear), got {max_params}")
+        raise ValueError(
+            f"max_params must be 4 finite non-negative numbers (scale, offset, angle, shear), got {max_params}"
+        )
     return values
 
 
@@ -147,7 +151,9 @@ def fixed_keymorph_affine(
     def full(value, size):
         return torch.full((batch_size, size), value, dtype=torch.float64)
 
-    matrix = keymorph_affine_matrix(full(1 + s, n), full(o, n), full(a, _NUM_ANGLES[n]), full(z, len(_SHEAR_POSITIONS[n])))
+    matrix = keymorph_affine_matrix(
+        full(1 + s, n), full(o, n), full(a, _NUM_ANGLES[n]), full(z, len(_SHEAR_POSITIONS[n]))
+    )
     return matrix.to(dtype=dtype, device=device)
 
 
@@ -187,9 +193,9 @@ def random_keymorph_parameters(
     Returns:
         ``{"scale", "offset", "theta", "shear"}`` of shapes ``(B, n)``, ``(B, n)``, ``(B, 3 | 1)``, ``(B, 6 | 2)``.
     """
-    s, o, a, z = (v * float(scale_params) for v in _check_max_params(max_params))
     if not (math.isfinite(scale_params) and scale_params >= 0):
         raise ValueError(f"scale_params must be finite and >= 0, got {scale_params}")
+    s, o, a, z = (v * float(scale_params) for v in check_max_params(max_params))
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if int(batch_size) < 1:
@@ -395,15 +401,17 @@ class RandKeyMorphAffined(RandomizableTransform, KeyMorphAffined):
         allow_missing_keys: bool = False,
     ) -> None:
         RandomizableTransform.__init__(self, prob)
-        KeyMorphAffined.__init__(self, keys, (0.0, 0.0, 0.0, 0.0), mode, point_keys, matrix_key, reference_grid, allow_missing_keys)
-        self.max_params = _check_max_params(max_params)
+        KeyMorphAffined.__init__(
+            self, keys, (0.0, 0.0, 0.0, 0.0), mode, point_keys, matrix_key, reference_grid, allow_missing_keys
+        )
+        self.max_params = check_max_params(max_params)
         self.scale_params = float(scale_params)
 
     def _matrix(self, spatial_dims: int) -> torch.Tensor:
         if not self._do_transform:
             return torch.eye(spatial_dims + 1, dtype=torch.float64)[None]
         params = random_keymorph_parameters(
-            self.max_params, self.scale_params, spatial_dims=spatial_dims, uniform=lambda lo, hi, shape: self.R.uniform(lo, hi, shape)
+            self.max_params, self.scale_params, spatial_dims=spatial_dims, uniform=self.R.uniform
         )
         return keymorph_affine_matrix(**params)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -84,21 +84,30 @@ def download_oasis(
     return dataset_dir
 
 
-def oasis_subjects(dataset_dir: str | os.PathLike, division: str) -> list[str]:
-    """Subject folder names of ``division`` ("train", "validate", "test" or "all"), in ``subjects.txt`` order."""
-    if division != "all" and division not in OASIS_DIVISIONS:
-        raise ValueError(f"division must be one of {[*OASIS_DIVISIONS, 'all']}, got {division!r}")
+def oasis_subjects(
+    dataset_dir: str | os.PathLike, division: str, divisions: Mapping[str, Sequence[int | None]] | None = None
+) -> list[str]:
+    """Subject folder names of ``division`` ("train", "validate", "test" or "all"), in ``subjects.txt`` order.
+
+    ``divisions`` overrides the split as ``{division: (start, stop)}`` indices into ``subjects.txt``
+    (default :data:`OASIS_DIVISIONS`: the first 255 train, the next 20 validate, the rest test).
+    """
+    splits = OASIS_DIVISIONS if divisions is None else {k: slice(*v) for k, v in divisions.items()}
+    if division != "all" and division not in splits:
+        raise ValueError(f"division must be one of {[*splits, 'all']}, got {division!r}")
     listing = Path(dataset_dir) / "subjects.txt"
     if not listing.is_file():
         raise FileNotFoundError(f"{listing} not found: set dataset_dir to the extracted neurite-oasis folder")
     subjects = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    return subjects if division == "all" else subjects[OASIS_DIVISIONS[division]]
+    return subjects if division == "all" else subjects[splits[division]]
 
 
-def oasis_cases(dataset_dir: str | os.PathLike, division: str) -> list[dict[str, str]]:
-    """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division``."""
+def oasis_cases(
+    dataset_dir: str | os.PathLike, division: str, divisions: Mapping[str, Sequence[int | None]] | None = None
+) -> list[dict[str, str]]:
+    """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division`` (see :func:`oasis_subjects`)."""
     cases = []
-    for name in oasis_subjects(dataset_dir, division):
+    for name in oasis_subjects(dataset_dir, division, divisions):
         case = {
             "image": str(Path(dataset_dir, name, OASIS_IMAGE_FILE)),
             "label": str(Path(dataset_dir, name, OASIS_LABEL_FILE)),
@@ -110,14 +119,16 @@ def oasis_cases(dataset_dir: str | os.PathLike, division: str) -> list[dict[str,
     return cases
 
 
-def oasis_pairs(dataset_dir: str | os.PathLike, division: str) -> list[dict[str, str]]:
+def oasis_pairs(
+    dataset_dir: str | os.PathLike, division: str, divisions: Mapping[str, Sequence[int | None]] | None = None
+) -> list[dict[str, str]]:
     """Evaluation pairs: every unordered pair ``(i < j)`` of the division's subjects, as MONAI data dicts.
 
     Subject ``i`` is the moving image and ``j`` the fixed one (SITReg's "forward" maps image-2
     coordinates to image 1). Keys: ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label``,
     ``moving_name``, ``fixed_name``.
     """
-    cases = oasis_cases(dataset_dir, division)
+    cases = oasis_cases(dataset_dir, division, divisions)
     return [
         {**{f"moving_{k}": v for k, v in a.items()}, **{f"fixed_{k}": v for k, v in b.items()}}
         for a, b in itertools.combinations(cases, 2)

@@ -33,7 +33,7 @@ from monai.transforms import apply_transform
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import Dataset
 
-from monai_ext.engines.registration import _to_device, forward_and_inverse
+from monai_ext.engines.registration import to_device, forward_and_inverse
 from monai_ext.losses.consistency import LUMIR_CONSISTENCY_SCHEDULE, GroupConsistencyLoss, consistency_weight
 
 __all__ = ["triplet_group", "TripletDataset", "ConsistencyTrainIteration"]
@@ -126,7 +126,8 @@ class TripletDataset(Dataset):
         return first, second, third
 
     def __getitem__(self, index: int) -> Any:
-        item = {f"{key}_{j}": value for j, case in enumerate(self.triplet_indices(index), 1) for key, value in self.data[case].items()}
+        cases = enumerate(self.triplet_indices(index), 1)
+        item = {f"{key}_{j}": value for j, case in cases for key, value in self.data[case].items()}
         return apply_transform(self.transform, item) if self.transform is not None else item
 
 
@@ -181,7 +182,7 @@ class ConsistencyTrainIteration:
             raise ValueError("batchdata must not be None")
         if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
             raise ValueError("ConsistencyTrainIteration supports neither amp nor accumulation_steps > 1")
-        tensors = _to_device(engine, batchdata, self.keys)
+        tensors = to_device(engine, batchdata, self.keys)
         images, masks = tensors[:3], tensors[3:]
         if any(image is None for image in images):
             raise ValueError(f"batch must contain {self.keys[:3]}, got keys {sorted(batchdata)}")

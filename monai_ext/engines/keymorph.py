@@ -30,8 +30,13 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from monai_ext.data.keymorph_augmentation import apply_keymorph_affine, augmentation_ramp, random_keymorph_affine
-from monai_ext.engines.registration import _to_device
+from monai_ext.data.keymorph_augmentation import (
+    apply_keymorph_affine,
+    augmentation_ramp,
+    check_max_params,
+    random_keymorph_affine,
+)
+from monai_ext.engines.registration import to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
 from monai_ext.spatial.affine import transform_points
 from monai_ext.spatial.sampling import warp
@@ -137,7 +142,8 @@ def one_hot_label_pair(
     if max_channels is not None:
         if int(max_channels) < 1:
             raise ValueError(f"max_channels must be >= 1, got {max_channels}")
-        common = fixed_ids.unique()[torch.isin(fixed_ids.unique(), moving_ids.unique())]
+        present = fixed_ids.unique()
+        common = present[torch.isin(present, moving_ids.unique())]
         if common.numel() == 0:
             raise ValueError("fixed_label and moving_label share no label")
         if common.numel() > int(max_channels):
@@ -146,14 +152,13 @@ def one_hot_label_pair(
         labels = common
     elif num_labels is not None:
         labels = torch.arange(int(num_labels), device=fixed_ids.device)
-        if fixed_ids.max() >= num_labels or moving_ids.max() >= num_labels or min(fixed_ids.min(), moving_ids.min()) < 0:
+        values = torch.cat([fixed_ids.flatten(), moving_ids.flatten()])
+        if values.min() < 0 or values.max() >= num_labels:
             raise ValueError(f"label values must lie in [0, num_labels={num_labels})")
     else:
         labels = torch.cat([fixed_ids.unique(), moving_ids.unique()]).unique()
-    shape = (1, -1) + (1,) * (fixed_ids.ndim - 2)
-    values = labels.view(shape)
-    dtype = torch.float32
-    return (fixed_ids == values).to(dtype), (moving_ids == values).to(dtype), labels
+    channels = labels.view((1, -1) + (1,) * (fixed_ids.ndim - 2))
+    return (fixed_ids == channels).float(), (moving_ids == channels).float(), labels
 
 
 def _model(network: nn.Module) -> nn.Module:
@@ -172,8 +177,7 @@ class _AugmentingIteration:
     """Shared parts: the ramped random KeyMorph affine and the ``SupervisedTrainer`` checks."""
 
     def __init__(self, max_params: Sequence[float], affine_slope: float, shared: bool, seed: int | None) -> None:
-        self.max_params = tuple(float(v) for v in max_params)
-        random_keymorph_affine(self.max_params)  # validates
+        self.max_params = check_max_params(max_params)
         self.affine_slope = float(affine_slope)
         self.shared = shared
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
@@ -242,7 +246,7 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         self._check_engine(engine, batchdata)
-        (image,) = _to_device(engine, batchdata, (self.image_key,))
+        (image,) = to_device(engine, batchdata, (self.image_key,))
         if image is None:
             raise ValueError(f"batch must contain {self.image_key!r}, got keys {sorted(batchdata)}")
         if not bool(self.reference.initialized):
@@ -286,16 +290,18 @@ class KeyMorphTrainIteration(_AugmentingIteration):
     3. the moving image is warped (linear, border) and, when labels are given and the loss needs them, the moving
        one-hot map is warped linearly (differentiable, as the reference) against the fixed one-hot map
        (:func:`one_hot_label_pair`);
-    4. ``engine.loss_function(moving_warped, fixed, moving_label_warped, fixed_label)`` (a
-       :class:`~monai_ext.losses.keymorph.KeyMorphLoss`; a dict with ``"loss"`` or a scalar); backward, step;
+    4. ``engine.loss_function(moving_warped, fixed[, moving_label_warped, fixed_label])`` (a
+       :class:`~monai_ext.losses.keymorph.KeyMorphLoss`, or e.g. ``torch.nn.MSELoss`` without labels; a dict with
+       ``"loss"`` or a scalar); backward, step;
     5. if ``consistency_weight > 0``: a separate step (as the reference's ``kpconsistency_step``) on the batch
        images under ``consistency_keys`` (the same subject in two modalities): both get the same random affine,
        loss ``consistency_weight * MSE(keypoints_1, keypoints_2)``; backward, step.
 
     ``engine.state.output``: ``moving_image`` (augmented), ``fixed_image``, ``moving_image_warped``,
     ``forward_ddf`` (also ``pred``), ``points_fixed``, ``points_moving``, ``points_aligned``, ``matrix`` (the
-    augmentation or None), ``loss``, every loss term detached, ``labels`` (the label values used) and
-    ``kpconsistency``. Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and
+    augmentation or None), ``loss``, every loss term detached, ``labels`` ``(B, L)`` (the label values of the
+    one-hot channels, the same for every item) and ``kpconsistency``. Fires
+    ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and
     ``MODEL_COMPLETED`` (after both steps), like the SITReg iteration.
 
     Args:
@@ -351,7 +357,7 @@ class KeyMorphTrainIteration(_AugmentingIteration):
         return bool(getattr(model, "reference_grid", False)) if self.reference_grid is None else self.reference_grid
 
     def _consistency_step(self, engine: Any, batchdata: Mapping[str, Any], model: nn.Module) -> torch.Tensor:
-        first, second = _to_device(engine, batchdata, self.consistency_keys)
+        first, second = to_device(engine, batchdata, self.consistency_keys)
         if first is None or second is None or first.shape != second.shape:
             raise ValueError(f"batch must contain two same-shaped images under {self.consistency_keys}")
         matrix = self.random_matrix(engine, first)
@@ -370,7 +376,7 @@ class KeyMorphTrainIteration(_AugmentingIteration):
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         self._check_engine(engine, batchdata)
-        moving, fixed, moving_label, fixed_label = _to_device(engine, batchdata, self.keys)
+        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
         if moving is None or fixed is None:
             raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
         model = _model(engine.network)
@@ -404,7 +410,7 @@ class KeyMorphTrainIteration(_AugmentingIteration):
                 fixed_label, moving_label, self.max_train_seg_channels, self.num_labels, self.generator
             )
             label_args = (warp(moving_onehot.to(ddf.dtype), ddf), fixed_onehot.to(ddf.dtype))
-            engine.state.output["labels"] = labels
+            engine.state.output["labels"] = labels.expand(moving.shape[0], -1)  # (B, L): decollates per item
         terms = engine.loss_function(moving_warped, fixed, *label_args)
         if not isinstance(terms, Mapping):
             terms = {Keys.LOSS: terms}

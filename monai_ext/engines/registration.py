@@ -46,7 +46,33 @@ from monai_ext.metrics.deformation import (
 )
 from monai_ext.spatial.sampling import warp
 
-__all__ = ["forward_and_inverse", "RegistrationTrainIteration", "RegistrationEvalIteration", "RegistrationMetrics"]
+__all__ = [
+    "SymmetricPairNetwork",
+    "forward_and_inverse",
+    "to_device",
+    "RegistrationTrainIteration",
+    "RegistrationEvalIteration",
+    "RegistrationMetrics",
+]
+
+
+class SymmetricPairNetwork(torch.nn.Module):
+    """``forward(moving, fixed) -> (forward_ddf, inverse_ddf)`` of a network with ``forward_and_inverse``.
+
+    ``DistributedDataParallel`` only synchronises gradients of computations that go through its own
+    ``forward``; wrapping this module (not the bare network) lets multi-GPU training keep SITReg's
+    single symmetric pass. The wrapped network is ``.network`` (save that one: its state-dict keys are
+    the single-device ones).
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        if not hasattr(network, "forward_and_inverse"):
+            raise TypeError(f"{type(network).__name__} has no forward_and_inverse(moving, fixed) method")
+        self.network = network
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.forward_and_inverse(moving, fixed)
 
 
 def forward_and_inverse(
@@ -55,18 +81,21 @@ def forward_and_inverse(
     """``(forward_ddf, inverse_ddf)`` of a pair.
 
     Uses ``network.forward_and_inverse(moving, fixed)`` when the network has it (SITReg: one symmetric
-    pass); otherwise a tensor-in/tensor-out network is run twice, ``network(cat(moving, fixed))`` and
-    ``network(cat(fixed, moving))``. (Wrappers such as ``DistributedDataParallel`` hide the method and so
-    take the two-pass route.)
+    pass), or ``network(moving, fixed)`` when it is a :class:`SymmetricPairNetwork` (possibly inside
+    ``DistributedDataParallel``); otherwise a tensor-in/tensor-out network is run twice,
+    ``network(cat(moving, fixed))`` and ``network(cat(fixed, moving))``.
     """
     if moving.shape != fixed.shape:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape")
+    if isinstance(getattr(network, "module", network), SymmetricPairNetwork):
+        return network(moving, fixed)
     if hasattr(network, "forward_and_inverse"):
         return network.forward_and_inverse(moving, fixed)
     return network(torch.cat([moving, fixed], dim=1)), network(torch.cat([fixed, moving], dim=1))
 
 
-def _to_device(engine: Any, batch: Mapping[str, Any], keys: Sequence[str | None]) -> list[torch.Tensor | None]:
+def to_device(engine: Any, batch: Mapping[str, Any], keys: Sequence[str | None]) -> list[torch.Tensor | None]:
+    """Batch items ``keys`` on the engine's device (``None`` for a ``None`` or absent key)."""
     out = []
     for key in keys:
         if key is None or key not in batch:
@@ -112,7 +141,7 @@ class RegistrationTrainIteration:
             raise ValueError("batchdata must not be None")
         if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
             raise ValueError("RegistrationTrainIteration supports neither amp nor accumulation_steps > 1")
-        moving, fixed, moving_mask, fixed_mask = _to_device(engine, batchdata, self.keys)
+        moving, fixed, moving_mask, fixed_mask = to_device(engine, batchdata, self.keys)
         if moving is None or fixed is None:
             raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
         engine.network.train()
@@ -171,7 +200,7 @@ class RegistrationEvalIteration:
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("batchdata must not be None")
-        moving, fixed, moving_label, fixed_label = _to_device(engine, batchdata, self.keys)
+        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
         if moving is None or fixed is None:
             raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
         engine.network.eval()

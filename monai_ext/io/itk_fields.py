@@ -50,8 +50,13 @@ __all__ = [
 _TRANSFORM_SUFFIXES = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
 # numpy dtypes ITK Python can write as scalar images, and what other dtypes are stored as
 _ITK_DTYPES = {np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.float32, np.float64)}
-_STORED_AS = {np.dtype(np.bool_): np.uint8, np.dtype(np.int8): np.int16, np.dtype(np.int64): np.int32,
-              np.dtype(np.uint64): np.uint32, np.dtype(np.float16): np.float32}
+_STORED_AS = {
+    np.dtype(np.bool_): np.uint8,
+    np.dtype(np.int8): np.int16,
+    np.dtype(np.int64): np.int32,
+    np.dtype(np.uint64): np.uint32,
+    np.dtype(np.float16): np.float32,
+}
 
 
 def _affine(affine, name: str = "affine") -> torch.Tensor:
@@ -187,7 +192,7 @@ def write_displacement_field(path: str | os.PathLike, ddf: torch.Tensor, fixed_a
 
 
 def read_displacement_field(path: str | os.PathLike, moving_affine=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read an ITK / ANTs displacement field file; returns ``(ddf, fixed_affine)`` as :func:`itk_displacement_to_ddf`."""
+    """Read an ITK / ANTs displacement field file: ``(ddf, fixed_affine)`` as in :func:`itk_displacement_to_ddf`."""
     path = _existing(path)
     try:
         field = itk.imread(str(path))
@@ -252,7 +257,7 @@ def read_itk_affine(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _storage(array: np.ndarray, dtype) -> np.ndarray:
-    """``array`` cast to a dtype ITK can write: ``dtype`` if given, else its own (64-bit ints as int32, bool as uint8)."""
+    """``array`` cast to a dtype ITK writes: ``dtype`` if given, else its own (int64 as int32, bool as uint8)."""
     target = np.dtype(_STORED_AS.get(array.dtype, array.dtype) if dtype is None else dtype)
     if target not in _ITK_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(str(t) for t in _ITK_DTYPES)}, got {target}")
@@ -284,7 +289,9 @@ def write_image(path: str | os.PathLike, image: torch.Tensor | np.ndarray, affin
     n = matrix.shape[0] - 1
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim < n or int(np.prod(array.shape[:-n])) != 1:
-        raise ValueError(f"image must be (*spatial), (1, *spatial) or (1, 1, *spatial) with {n} spatial dims, got {array.shape}")
+        raise ValueError(
+            f"image must be (*spatial), (1, *spatial) or (1, 1, *spatial) with {n} spatial dims, got {array.shape}"
+        )
     itk_image = _to_itk(_storage(array.reshape(array.shape[-n:]), dtype), matrix)
     with atomic_output(path) as tmp:
         itk.imwrite(itk_image, str(tmp), compression=True)

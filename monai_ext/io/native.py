@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import ITKReader, MetaTensor
+from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -131,7 +131,11 @@ def load_image(
     reference: MetaTensor | None = None,
     atol: float = 1e-3,
 ) -> MetaTensor:
-    """Load one image file (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA) with MONAI's ``LoadImage`` and ITK's reader.
+    """Load and check one image file (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA, ...) with MONAI's ``LoadImage``.
+
+    NIfTI files are read with ``NibabelReader``, all other formats with ``ITKReader`` (MONAI's own default
+    choice, also used by :func:`model_space_transforms`; both give the same RAS affine). ITK's NIfTI reader is
+    avoided because it silently replaces NaN and infinite voxels with 0, hiding corrupt data.
 
     Args:
         path: the file.
@@ -150,9 +154,8 @@ def load_image(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    loader = LoadImage(
-        reader=ITKReader(), image_only=True, ensure_channel_first=True, dtype=None if label else np.float32
-    )
+    reader = NibabelReader() if path.name.lower().endswith((".nii", ".nii.gz")) else ITKReader()
+    loader = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None if label else np.float32)
     try:
         image = loader(str(path))
     except Exception as err:  # MONAI wraps ITK's C++ errors in RuntimeError with a long message
@@ -187,10 +190,12 @@ def model_space_transforms(
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
-    ``LoadImaged`` (ITK reader) -> ``EnsureChannelFirstd`` -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)``
-    (linear for images, nearest for labels) -> ``ResizeWithPadOrCropd(spatial_size)`` (symmetric, zero
-    padding) -> intensity scaling of the images -> labels as ``torch.int64``.
+    ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
+    -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
+    -> ``ResizeWithPadOrCropd(spatial_size)`` (symmetric, zero padding) -> intensity scaling of the images
+    -> labels as ``torch.int64``.
     The outputs are ``MetaTensor`` s whose ``.affine`` is the model-space affine used by :func:`ddf_model_to_native`.
+    No input checks happen here: validate user files with :func:`load_image` first.
 
     Args:
         image_keys: keys of intensity images (e.g. ``["fixed_image", "moving_image"]``).
@@ -207,12 +212,14 @@ def model_space_transforms(
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
     transforms = [
-        LoadImaged(keys=keys, reader=ITKReader, image_only=True),
+        LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
     ]
     if pixdim is not None:
-        transforms.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear"] * len(images) + ["nearest"] * len(labels)))
+        transforms.append(
+            Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear"] * len(images) + ["nearest"] * len(labels))
+        )
     if spatial_size is not None:
         transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size))
     if intensity == "percentile":

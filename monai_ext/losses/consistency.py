@@ -63,7 +63,9 @@ def compose_cycle(
         ddfs: voxel DDFs ``(B, n, *spatial)``, outermost first, all on grids of one shape (the result
             lives on the grid of ``ddfs[-1]``).
         masks: one ``(B, 1, *spatial)`` mask (or ``None`` = all ones) per DDF, or ``None`` for no masks.
-        mask_threshold: interpolated mask tolerance.
+        mask_threshold: interpolated mask tolerance in ``[0, 1)``; 1e-3 as
+            :func:`monai_ext.losses.symmetric.warped_validity_mask` (composable-mapping's own default is
+            1e-5; the two differ only for points within 1e-3 voxel of a mask or field-of-view edge).
 
     Returns:
         ``(ddf, mask)``: the composed voxel displacement ``(B, n, *spatial)`` (differentiable w.r.t. every
@@ -71,6 +73,8 @@ def compose_cycle(
     """
     if len(ddfs) == 0:
         raise ValueError("ddfs must hold at least one DDF")
+    if not 0 <= mask_threshold < 1:
+        raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
     masks = [None] * len(ddfs) if masks is None else list(masks)
     if len(masks) != len(ddfs):
         raise ValueError(f"masks must hold one entry per DDF ({len(ddfs)}), got {len(masks)}")
@@ -119,7 +123,9 @@ def cycle_consistency(
         mask_threshold: tolerance of the interpolated masks (see :func:`compose_cycle`).
     """
     if len(forward_ddfs) != 3 or len(inverse_ddfs) != 3:
-        raise ValueError(f"forward_ddfs and inverse_ddfs must hold 3 DDFs each, got {len(forward_ddfs)} and {len(inverse_ddfs)}")
+        raise ValueError(
+            f"forward_ddfs and inverse_ddfs must hold 3 DDFs each, got {len(forward_ddfs)} and {len(inverse_ddfs)}"
+        )
     if masks is not None and len(masks) != 3:
         raise ValueError(f"masks must hold 3 entries (M1, M2, M3), got {len(masks)}")
     m1, m2, m3 = (None, None, None) if masks is None else masks
@@ -128,7 +134,9 @@ def cycle_consistency(
         for k, ddf in enumerate(ddfs):
             check_ddf(ddf, f"{name}[{k}]")
             if ddf.shape != f1.shape:
-                raise ValueError(f"{name}[{k}] {tuple(ddf.shape)} must have the shape of forward_ddfs[0] {tuple(f1.shape)}")
+                raise ValueError(
+                    f"{name}[{k}] {tuple(ddf.shape)} must have the shape of forward_ddfs[0] {tuple(f1.shape)}"
+                )
     for k, mask in enumerate((m1, m2, m3)):
         if mask is not None:
             _check_mask(mask, f1, f"masks[{k}]")
@@ -174,10 +182,10 @@ def consistency_weight(epoch: float, schedule: Sequence[float] = LUMIR_CONSISTEN
 class GroupConsistencyLoss(nn.Module):
     """:func:`cycle_consistency` of a triplet registered by the 3 processes of a process group.
 
-    Group rank ``r`` (0, 1, 2) registers pair ``r + 1`` = (moving ``I_{r+1}``, fixed ``I_{r+2 mod 3}``) and passes
-    its own DDFs; they are all-gathered within ``group`` (the received tensors carry no gradient, the rank's
-    own stay differentiable), every rank evaluates the same loss value, and the backward pass returns only
-    ``d loss / d (own DDFs)``, **multiplied by 3**.
+    Group rank ``r`` (0, 1, 2) registers pair ``r + 1`` = (moving ``I_{r+1}``, fixed ``I_{(r+1) mod 3 + 1}``) and
+    passes its own DDFs; they are all-gathered within ``group`` (the received tensors carry no gradient, the
+    rank's own stay differentiable), every rank evaluates the same loss value, and the backward pass returns
+    only ``d loss / d (own DDFs)``, **multiplied by 3**.
 
     Why x3: the full gradient of the consistency loss is ``sum_r dL/du_r * du_r/dtheta``, and rank ``r``
     computes exactly the ``r``-th term. ``DistributedDataParallel`` *averages* the parameter gradients over
@@ -194,7 +202,10 @@ class GroupConsistencyLoss(nn.Module):
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, voxel_size: Sequence[float] | None = None, mask_threshold: float = 1e-3
+        self,
+        group: dist.ProcessGroup | None = None,
+        voxel_size: Sequence[float] | None = None,
+        mask_threshold: float = 1e-3,
     ) -> None:
         super().__init__()
         self.group = group
@@ -203,7 +214,7 @@ class GroupConsistencyLoss(nn.Module):
 
     @property
     def group_rank(self) -> int:
-        """This process's rank (0, 1 or 2) inside ``group``; its pair is (image ``rank + 1``, image ``(rank + 1) % 3 + 1``)."""
+        """This process's rank ``r`` (0, 1 or 2) in ``group``; it registers images ``r + 1`` and ``(r + 1) % 3 + 1``."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("GroupConsistencyLoss needs torch.distributed to be initialised (init_process_group)")
         size = dist.get_world_size(self.group)
@@ -230,11 +241,13 @@ class GroupConsistencyLoss(nn.Module):
         check_ddf(forward_ddf, "forward_ddf")
         check_ddf(inverse_ddf, "inverse_ddf")
         if inverse_ddf.shape != forward_ddf.shape:
-            raise ValueError(f"forward_ddf {tuple(forward_ddf.shape)} and inverse_ddf {tuple(inverse_ddf.shape)} must match")
+            raise ValueError(
+                f"forward_ddf {tuple(forward_ddf.shape)} and inverse_ddf {tuple(inverse_ddf.shape)} must match"
+            )
         own = torch.stack((forward_ddf, inverse_ddf)).detach().contiguous()
         gathered = [torch.empty_like(own) for _ in range(3)]
         dist.all_gather(gathered, own, group=self.group)
         forward_ddfs = [forward_ddf if r == rank else gathered[r][0] for r in range(3)]
         inverse_ddfs = [inverse_ddf if r == rank else gathered[r][1] for r in range(3)]
         loss = cycle_consistency(forward_ddfs, inverse_ddfs, masks, self.voxel_size, self.mask_threshold)
-        return scale_gradient(loss, 1.0)
+        return scale_gradient(loss, 3.0)

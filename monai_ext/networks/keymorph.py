@@ -404,7 +404,8 @@ class KeyMorph(nn.Module):
     def keypoints(self, image: torch.Tensor, name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
         """Keypoints ``(B, K, n)`` (normalised ``ij``) and heatmap masses ``(B, K)`` of ``image`` ``(B, C, *spatial)``.
 
-        Written for both images of a pair; the backbone checks its channel count and minimum size.
+        Empty heatmaps follow the detector's ``empty`` rule (reference: the corner ``-1``), but an image whose
+        heatmaps are *all* empty (e.g. a blank image) has no keypoints at all and raises ``ValueError``.
         """
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
@@ -414,7 +415,11 @@ class KeyMorph(nn.Module):
             raise ValueError(f"{name} must be (B, C, *spatial) with {want} spatial dims, got {tuple(image.shape)}")
         if not torch.isfinite(image).all():
             raise ValueError(f"{name} contains non-finite values")
-        return self.center_of_mass(self.backbone(image))
+        points, mass = self.center_of_mass(self.backbone(image))
+        if (mass == 0).all(dim=1).any():
+            items = (mass == 0).all(dim=1).nonzero()[:, 0].tolist()
+            raise ValueError(f"{name}: every heatmap is empty (blank image?) for batch items {items}: no keypoints")
+        return points, mass
 
     def _subsample(self, alignment: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """Random keypoint subset for TPS in training (spec 3.3), shared by all tensors (dim 1 = keypoints)."""

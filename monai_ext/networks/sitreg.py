@@ -58,7 +58,10 @@ __all__ = [
 def _conv_block(
     spatial_dims: int, in_channels: int, out_channels: int, n_convolutions: int, groups: int | None
 ) -> nn.Sequential:
-    """``n_convolutions`` x [3^n conv (zero padding 1, bias) -> GroupNorm(groups) if ``groups`` -> ReLU]."""
+    """``n_convolutions`` x [3^n conv (zero padding 1, bias) -> GroupNorm(groups) if ``groups`` -> ReLU].
+
+    The ReLU works in place on the conv / GroupNorm output (neither backward needs that output).
+    """
     norm = ("group", {"num_groups": groups}) if groups else None
     return nn.Sequential(
         *(
@@ -68,7 +71,7 @@ def _conv_block(
                 out_channels,
                 kernel_size=3,
                 padding=1,
-                act="relu",
+                act=("relu", {"inplace": True}),
                 norm=norm,
                 adn_ordering="NA" if groups else "A",
             )
@@ -157,6 +160,10 @@ class SITRegEncoder(nn.Module):
         return levels
 
 
+# elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)
+_SLAB_ELEMENTS = 1 << 24
+
+
 class SITRegDeformationBlock(nn.Module):
     """Deformation-from-features block ``U(a, b)`` of one level.
 
@@ -188,6 +195,10 @@ class SITRegDeformationBlock(nn.Module):
         super().__init__()
         self.block = _conv_block(spatial_dims, 2 * in_channels, features, convolutions, groups)
         self.final_conv = Convolution(spatial_dims, features, spatial_dims, kernel_size=1, conv_only=True)
+        # voxels one slab of a slab-wise evaluation needs on each side: one per 3^n convolution
+        self.halo = int(convolutions)
+        self.width = max(2 * int(in_channels), int(features))  # channels of the widest activation
+        self.normalized = groups is not None
         self.upsampling_factor = int(upsampling_factor)
         factors = (self.upsampling_factor,) * spatial_dims
         self.max_control_point = float(control_point_multiplier) * float(control_point_bound(factors))
@@ -197,7 +208,28 @@ class SITRegDeformationBlock(nn.Module):
 
         ``U(b, a)`` sees ``b + a``, bit-identical to ``a + b`` (floating-point addition is commutative), and
         ``b - a = -(a - b)`` exactly, which makes the network exactly symmetric.
+
+        Without autograd and without GroupNorm, large inputs are evaluated in slabs along the first
+        spatial axis, each with a halo of ``halo`` voxels (the receptive field of the 3^n convolutions),
+        so that no full-size activation of the block exists at once; every output voxel sees exactly
+        the inputs of the whole-volume evaluation.
         """
+        depth = a.shape[2]
+        slab = depth
+        if not (torch.is_grad_enabled() or self.normalized):
+            slice_elements = a.shape[0] * self.width * math.prod(a.shape[3:])
+            n_slabs = -(-depth * slice_elements // _SLAB_ELEMENTS)
+            slab = -(-depth // max(1, n_slabs))
+        if slab >= depth:
+            return self._pre_tanh(a, b)
+        out = a.new_empty(a.shape[0], a.ndim - 2, *a.shape[2:])
+        for start in range(0, depth, slab):
+            stop = min(start + slab, depth)
+            low, high = max(start - self.halo, 0), min(stop + self.halo, depth)
+            out[:, :, start:stop] = self._pre_tanh(a[:, :, low:high], b[:, :, low:high])[:, :, start - low : stop - low]
+        return out
+
+    def _pre_tanh(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.final_conv(self.block(torch.cat((a - b, a + b), dim=1)))
 
     def control_points(self, pre_tanh: torch.Tensor) -> torch.Tensor:
@@ -472,8 +504,8 @@ class SITReg(nn.Module):
             return features
         factor = 2**level
         centres = voxel_grid(features.shape[2:], features.dtype, features.device)[None] * factor + (factor - 1) / 2
-        mapped = centres + _chain(centres, None, (chain, affine))
-        return sample(features, (mapped + 0.5) / factor - 0.5)
+        mapped = _chain(centres, None, (chain, affine)).add_(centres)  # full-resolution coordinates
+        return sample(features, mapped.add_(0.5).div_(factor).sub_(0.5))
 
     def _outputs(
         self,
@@ -504,21 +536,25 @@ class SITReg(nn.Module):
         """
         self._check_images(moving, fixed)
         spatial_shape = tuple(moving.shape[2:])
-        batch = moving.shape[0]
-        features = self.encoder(torch.cat((moving, fixed), dim=0))
+        # GroupNorm is per sample, so encoding the images one at a time gives the same features
+        features_1, features_2 = self.encoder(moving), self.encoder(fixed)
         affines: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if self.affine_head is not None:
-            affines = self._affine_stage(features[-1][:batch], features[-1][batch:], spatial_shape)
+            affines = self._affine_stage(features_1[-1], features_2[-1], spatial_shape)
         aff_f, aff_i = affines
         left_f = right_f = left_i = right_i = None
         grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]
         levels: list[SITRegLevel] = []
         for level in reversed(self.deformation_levels):
             block = self.deformation_blocks[str(level)]
-            warped_1 = self._warp_features(features[level][:batch], level, left_f, aff_f)
-            warped_2 = self._warp_features(features[level][batch:], level, right_f, aff_i)
+            # drop the levels already processed and pop this one: features are freed once warped
+            del features_1[level + 1 :], features_2[level + 1 :]
+            warped_1 = self._warp_features(features_1.pop(), level, left_f, aff_f)
+            warped_2 = self._warp_features(features_2.pop(), level, right_f, aff_i)
             pre_fwd, pre_rev = block(warped_1, warped_2), block(warped_2, warped_1)
             control_fwd, control_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
+            if not return_intermediates:
+                del warped_1, warped_2  # not needed at full resolution
             atomic_fwd = block.upsample(control_fwd, spatial_shape)
             atomic_rev = block.upsample(control_rev, spatial_shape)
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
@@ -538,6 +574,8 @@ class SITReg(nn.Module):
                         *cumulative,
                     )
                 )  # fmt: skip
+            else:  # free this level's full-resolution fields before the next level
+                del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev, update_fwd, update_inv
         if levels:
             forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
         else:

@@ -133,22 +133,19 @@ class AndersonSolver:
             f"matrix_epsilon={self.matrix_epsilon})"
         )
 
-    def _mix(self, xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-        """Next iterate from the stored pairs ``xs``, ``gs`` of shape ``(B, k, N)``."""
-        batch, k = xs.shape[:2]
-        residuals = gs - xs
-        system = xs.new_zeros(batch, k + 1, k + 1)
+    def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """Next iterate ``(B, 1, N)`` from stored images ``gs`` and residuals ``fs`` ``(B, k, N)``, ``gram = fs fs^T``."""
+        batch, k = gs.shape[:2]
+        system = gs.new_zeros(batch, k + 1, k + 1)
         system[:, 0, 1:] = 1
         system[:, 1:, 0] = 1
-        system[:, 1:, 1:] = residuals @ residuals.transpose(1, 2) + self.matrix_epsilon * torch.eye(
-            k, dtype=xs.dtype, device=xs.device
-        )
-        target = xs.new_zeros(batch, k + 1, 1)
+        system[:, 1:, 1:] = gram + self.matrix_epsilon * torch.eye(k, dtype=gs.dtype, device=gs.device)
+        target = gs.new_zeros(batch, k + 1, 1)
         target[:, 0] = 1
-        alpha = torch.linalg.solve(system, target)[:, 1:]  # (B, k, 1)
-        mixed = self.beta * (alpha * gs).sum(1)
-        if self.beta != 1.0:
-            mixed = mixed + (1.0 - self.beta) * (alpha * xs).sum(1)
+        alpha = torch.linalg.solve(system, target)[:, 1:].transpose(1, 2)  # (B, 1, k)
+        mixed = torch.bmm(alpha, gs)  # sum_i a_i g(x_i)
+        if self.beta != 1.0:  # beta * sum a_i g_i + (1 - beta) * sum a_i x_i, with x_i = g_i - f_i
+            mixed = mixed - (1.0 - self.beta) * torch.bmm(alpha, fs)
         return mixed
 
     def solve(self, g: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
@@ -156,24 +153,33 @@ class AndersonSolver:
 
         ``g`` must map a ``(B, ...)`` tensor to one of the same shape. Emits :class:`ConvergenceWarning`
         when ``max_iterations`` is reached with the residual above the threshold.
+
+        The history is kept in ring buffers of the last ``memory`` images ``g(x_i)`` and residuals
+        ``g(x_i) - x_i``, and the residual Gram matrix is updated by one row and column per evaluation.
         """
-        x0 = x0.detach()
-        batch, shape, m = x0.shape[0], x0.shape, self.memory
-        xs = x0.new_zeros(batch, m, x0[0].numel())  # ring buffers of iterates and their images
-        gs = torch.zeros_like(xs)
-        x, n = x0, 0
+        x = x0.detach()
+        batch, shape, m = x.shape[0], x.shape, self.memory
+        # allocated lazily by the OS: slots never reached (fast convergence) cost no memory
+        gs = x.new_empty(batch, m, x[0].numel())
+        fs = torch.empty_like(gs)
+        gram = x.new_zeros(batch, m, m)
+        n = 0
         while True:
             gx = g(x).detach()
             if gx.shape != shape:
                 raise ValueError(f"g must preserve the shape {tuple(shape)}, returned {tuple(gx.shape)}")
-            xs[:, n % m] = x.reshape(batch, -1)
-            gs[:, n % m] = gx.reshape(batch, -1)
             n += 1
             residual = self.stop.residual(x, gx)
             if self.stop.should_stop(n, residual):
                 break
+            slot = (n - 1) % m
+            gs[:, slot] = gx.reshape(batch, -1)
+            torch.sub(gs[:, slot], x.reshape(batch, -1), out=fs[:, slot])
             k = min(n, m)
-            x = gx if k == 1 else self._mix(xs[:, :k], gs[:, :k]).reshape(shape)
+            row = torch.bmm(fs[:, :k], fs[:, slot, :, None])[..., 0]  # (B, k): f_i . f_slot
+            gram[:, slot, :k] = row
+            gram[:, :k, slot] = row
+            x = gx if k == 1 else self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k]).reshape(shape)
         self.last_iterations, self.last_residual = n, residual
         if not self.stop.converged(residual):
             warnings.warn(
@@ -195,7 +201,7 @@ def _default_backward_solver() -> AndersonSolver:
 
 def _inversion_step(ddf: torch.Tensor, grid: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One fixed-point map ``g(v) = -ddf(x + v)`` (multilinear, border) on grid points ``x``."""
-    return -sample(ddf, grid + v)
+    return sample(ddf, grid + v).neg_()
 
 
 class _InvertDDF(torch.autograd.Function):

@@ -79,16 +79,43 @@ def sample(
     if len({volume.shape[0], coords.shape[0]} - {1}) > 1:
         raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
     batch = max(volume.shape[0], coords.shape[0])
-    volume = volume.expand(batch, *volume.shape[1:])
-    out_shape = coords.shape[2:]
-    flat = coords.expand(batch, *coords.shape[1:]).reshape(batch, n, -1)
-    size = torch.tensor(volume.shape[2:], dtype=coords.dtype, device=coords.device).view(1, n, 1)
-    normalized = torch.where(size > 1, 2.0 * flat / (size - 1).clamp(min=1) - 1.0, torch.zeros_like(flat))
-    grid = normalized.flip(1).movedim(1, -1).reshape(batch, -1, *([1] * (n - 1)), n)
     if not volume.is_floating_point():
         volume = volume.to(coords.dtype)
-    out = F.grid_sample(volume, grid.to(volume.dtype), mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    out_shape = coords.shape[2:]
+    points = coords.reshape(coords.shape[0], n, -1)
+    count = points.shape[2]
+    # align_corners=True normalisation, voxel i of an axis of size s -> 2 i / (s - 1) - 1 (any finite
+    # value for s == 1, where grid_sample reads index 0 whatever the coordinate)
+    halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[2:]], dtype=points.dtype, device=points.device)
+    normalized = (points / halves.view(1, n, 1)).sub_(1.0).to(volume.dtype)
+    chunks = _point_chunks(volume, batch, count)
+    if count % chunks:
+        normalized = F.pad(normalized, (0, chunks - count % chunks))
+    # grid_sample reads coordinate 0 along the *last* volume axis: reversing the volume's axes (a view)
+    # lets the coordinates keep the array axis order; the grid is a (transposed) view, as is the volume
+    spatial = tuple(range(n + 1, 1, -1))
+    volume = volume.permute(0, 1, *spatial).expand(batch * chunks, *volume.shape[1:2], *volume.shape[:1:-1])
+    grid = normalized.transpose(1, 2).expand(batch, -1, n).reshape(batch * chunks, -1, *([1] * (n - 1)), n)
+    out = F.grid_sample(volume, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    if chunks > 1:  # batch is 1: the chunks of points back in order
+        out = out.reshape(chunks, volume.shape[1], -1).transpose(0, 1).reshape(1, volume.shape[1], -1)[..., :count]
     return out.reshape(batch, volume.shape[1], *out_shape)
+
+
+# fewest points per thread for which splitting a 3-D sampling over threads pays off
+_MIN_POINTS_PER_THREAD = 1 << 15
+
+
+def _point_chunks(volume: torch.Tensor, batch: int, count: int) -> int:
+    """Number of equal chunks to split the ``count`` query points of a single (``batch == 1``) sampling into.
+
+    PyTorch's 3-D CPU ``grid_sample`` parallelises over the batch only, so a single volume would be
+    sampled by one thread. Presenting ``k`` chunks of the points as a batch of ``k`` (the volume expanded
+    without copy) lets ``k`` threads work; every point is computed exactly as without chunks.
+    """
+    if volume.ndim != 5 or volume.device.type != "cpu" or batch != 1:
+        return 1
+    return max(1, min(torch.get_num_threads(), count // _MIN_POINTS_PER_THREAD))
 
 
 def sample_points(volume: torch.Tensor, points: torch.Tensor, mode: str = "linear") -> torch.Tensor:
