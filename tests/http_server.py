@@ -31,7 +31,10 @@ class _Handler(BaseHTTPRequestHandler):
         if header and not server.ignore_range:
             start = int(header.removeprefix("bytes=").rstrip("-"))
             if start >= len(data):
-                self.send_error(416, "Range Not Satisfiable")
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
         body = data[start:]
         self.send_response(206 if start else 200)

@@ -2,77 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import socket
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_server import closed_port_url, serve
 
 from monai_ext.data.download import ChecksumError, DownloadError, download_file, extract_archive
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.files``; honours ``Range: bytes=N-`` unless ``server.ignore_range``; a path in
-    ``server.cut`` gets its next response cut after that many body bytes (Content-Length still full)."""
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        server = self.server
-        server.requests.append((self.path, self.headers.get("Range")))
-        data = server.files.get(self.path)
-        if data is None:
-            self.send_error(404, "Not Found")
-            return
-        start = 0
-        header = self.headers.get("Range")
-        if header and not server.ignore_range:
-            start = int(header.removeprefix("bytes=").rstrip("-"))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-        body = data[start:]
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        cut = server.cut.pop(self.path, None)
-        self.wfile.write(body if cut is None else body[:cut])
-        self.wfile.flush()
-        self.close_connection = True
-
-    def log_message(self, *args):  # keep pytest output quiet
-        pass
-
-
-@contextlib.contextmanager
-def serve(files: dict[str, bytes]):
-    """Local HTTP server on a free port; yields the server (``server.url``, ``requests``, ``cut``, ...)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.files, server.requests, server.cut, server.ignore_range = dict(files), [], {}, False
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/file.bin"  # nothing listens there any more
 
 
 PAYLOAD = bytes(range(256)) * 4000  # 1 MB

@@ -11,13 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_download import closed_port_url, serve
+from http_server import closed_port_url, serve
 
 from monai_ext.data.download import ChecksumError, DownloadError
+from monai_ext.data.base import crop_slices
 from monai_ext.data.oasis import (
     OASIS_ARCHIVE,
     OASIS_CROP,
-    crop_slices,
     download_oasis,
     oasis_cases,
     oasis_pairs,

@@ -40,7 +40,6 @@ from monai.transforms import (
 )
 
 from monai_ext.data.download import DownloadError, download_file, extract_archive
-from monai_ext.data.oasis import crop_slices
 from monai_ext.spatial.coordinates import downsampled_voxel_to_voxel
 
 __all__ = [
@@ -124,6 +123,13 @@ def check_files(paths: Sequence[str | os.PathLike], hint: str) -> None:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} is missing: {hint}")
+
+
+def crop_slices(crop: Sequence[Sequence[int]]) -> list[slice]:
+    """Slices removing ``crop[i] = (before, after)`` voxels along spatial axis ``i``."""
+    if any(len(c) != 2 or min(c) < 0 for c in crop):
+        raise ValueError(f"crop must be a sequence of (before, after) non-negative voxel counts, got {crop}")
+    return [slice(int(before), -int(after) if after else None) for before, after in crop]
 
 
 def centered_crop_or_pad_offsets(shape: Sequence[int], target: Sequence[int]) -> list[int]:

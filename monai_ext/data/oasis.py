@@ -20,15 +20,13 @@ cropped by ``[[0, 0], [24, 24], [16, 16]]`` voxels (before, after) per axis, 160
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from monai.transforms import Compose, EnsureTyped, LoadImaged, SpatialCropd
+from monai.transforms import Compose
 
-from monai_ext.data.download import download_file, extract_archive
+from monai_ext.data.base import all_pairs, prepare_archive, volume_transforms
 
 __all__ = [
     "OASIS_URL",
@@ -42,7 +40,6 @@ __all__ = [
     "oasis_subjects",
     "oasis_cases",
     "oasis_pairs",
-    "crop_slices",
     "oasis_transforms",
 ]
 
@@ -72,16 +69,7 @@ def download_oasis(
     Returns:
         ``dataset_dir`` as a ``Path``.
     """
-    dataset_dir = Path(dataset_dir)
-    if (dataset_dir / "subjects.txt").is_file():
-        return dataset_dir
-    archive = download_file(url, dataset_dir / OASIS_ARCHIVE, sha256=sha256, progress=progress)
-    extract_archive(archive, dataset_dir)
-    if not keep_archive:
-        archive.unlink()
-    if not (dataset_dir / "subjects.txt").is_file():
-        raise FileNotFoundError(f"the archive from {url} did not contain subjects.txt at its top level")
-    return dataset_dir
+    return prepare_archive(dataset_dir, url, OASIS_ARCHIVE, "subjects.txt", sha256, keep_archive, progress)
 
 
 def oasis_subjects(
@@ -128,18 +116,7 @@ def oasis_pairs(
     coordinates to image 1). Keys: ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label``,
     ``moving_name``, ``fixed_name``.
     """
-    cases = oasis_cases(dataset_dir, division, divisions)
-    return [
-        {**{f"moving_{k}": v for k, v in a.items()}, **{f"fixed_{k}": v for k, v in b.items()}}
-        for a, b in itertools.combinations(cases, 2)
-    ]
-
-
-def crop_slices(crop: Sequence[Sequence[int]]) -> list[slice]:
-    """Slices removing ``crop[i] = (before, after)`` voxels along spatial axis ``i``."""
-    if any(len(c) != 2 or min(c) < 0 for c in crop):
-        raise ValueError(f"crop must be a sequence of (before, after) non-negative voxel counts, got {crop}")
-    return [slice(int(before), -int(after) if after else None) for before, after in crop]
+    return all_pairs(oasis_cases(dataset_dir, division, divisions))
 
 
 def oasis_transforms(
@@ -152,11 +129,4 @@ def oasis_transforms(
     Images come out as float32 ``(1, D, H, W)`` MetaTensors with their (crop-corrected) affine, label
     maps as int64 ``(1, D, H, W)``. ``crop=None`` keeps the full volume.
     """
-    keys = [*image_keys, *label_keys]
-    transforms = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
-    if crop is not None:
-        transforms.append(SpatialCropd(keys=keys, roi_slices=crop_slices(crop)))
-    transforms.append(EnsureTyped(keys=list(image_keys), dtype=torch.float32))
-    if label_keys:
-        transforms.append(EnsureTyped(keys=list(label_keys), dtype=torch.int64))
-    return Compose(transforms)
+    return volume_transforms(image_keys, label_keys=label_keys, crop=crop)

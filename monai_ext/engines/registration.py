@@ -53,6 +53,8 @@ __all__ = [
     "RegistrationTrainIteration",
     "RegistrationEvalIteration",
     "RegistrationMetrics",
+    "label_overlap",
+    "pair_metrics",
 ]
 
 
@@ -252,6 +254,96 @@ def _nan_mean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else math.nan
 
 
+def label_overlap(
+    warped: torch.Tensor, target: torch.Tensor, labels: Sequence[int], suffix: str = "", hd95: bool = False
+) -> dict[str, float]:
+    """Dice (and HD95) of two ``(1, 1, *spatial)`` integer label maps on the same grid.
+
+    Returns ``dice<suffix>`` (mean over ``labels`` ignoring labels absent from both maps, which are NaN),
+    with an empty ``suffix`` also ``dice_label_<label>`` per label, and with ``hd95`` ``hd95<suffix>``: MONAI's
+    95th-percentile Hausdorff distance in **voxel units**, mean over the labels present in both maps.
+    Dice is MONAI ``compute_dice`` on one-hot maps.
+    """
+    values = torch.tensor(list(labels), device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
+    pred, ref = (warped.round().long() == values), (target.round().long() == values)
+    dice = compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=False)[0].cpu().double()
+    in_pred, in_ref = pred.flatten(2).any(-1)[0].cpu(), ref.flatten(2).any(-1)[0].cpu()
+    dice[~in_pred & ~in_ref] = math.nan
+    row = {f"dice{suffix}": _nan_mean(dice)}
+    if not suffix:
+        row.update({f"dice_label_{label}": float(d) for label, d in zip(labels, dice)})
+    if not hd95:
+        return row
+    distances = torch.full((len(labels),), math.nan, dtype=torch.float64)
+    both = in_pred & in_ref
+    if both.any():
+        distances[both] = (
+            compute_hausdorff_distance(
+                pred[:, both].float(), ref[:, both].float(), include_background=True, percentile=95
+            )[0]
+            .cpu()
+            .double()
+        )
+    row[f"hd95{suffix}"] = _nan_mean(distances)
+    return row
+
+
+def pair_metrics(
+    item: Mapping[str, Any], labels: Sequence[int] | None = None, hd95: bool = False, index: int = 0
+) -> dict[str, Any]:
+    """Metrics of one pair of an evaluation output (as :class:`RegistrationEvalIteration` writes, decollated).
+
+    ``item`` holds unbatched tensors: ``forward_ddf`` ``(n, *spatial)`` (required), optionally ``inverse_ddf``,
+    ``moving_label`` / ``fixed_label`` ``(1, *spatial)`` with ``moving_label_warped`` / ``fixed_label_warped``,
+    and ``moving_name`` / ``fixed_name`` (else the images' file names, else ``pair<index>``).
+
+    Returns ``moving_name``, ``fixed_name``; with labels ``dice_before`` (moving vs fixed labels unregistered),
+    ``dice``, ``dice_label_<l>``, ``dice_inverse`` (and ``hd95``, ``hd95_inverse``), see :func:`label_overlap`;
+    ``folding_fraction``, ``sdlogj``, ``ndv`` (3-D, else NaN) of ``forward_ddf``, and with ``inverse_ddf``
+    ``ic_mse`` / ``ic_max`` (voxels), see :mod:`monai_ext.metrics.deformation`. ``labels`` defaults to the
+    non-zero values present in either map.
+    """
+
+    def batched(key: str) -> torch.Tensor | None:
+        value = item.get(key)
+        if not isinstance(value, torch.Tensor):
+            return None
+        return (value.as_tensor() if isinstance(value, MetaTensor) else value).unsqueeze(0)
+
+    row: dict[str, Any] = {}
+    for side in ("moving", "fixed"):
+        name = item.get(f"{side}_name")
+        if name is None and hasattr(item.get(f"{side}_image"), "meta"):
+            name = item[f"{side}_image"].meta.get("filename_or_obj")
+        row[f"{side}_name"] = str(name) if name is not None else f"pair{index}"
+    forward_ddf, inverse_ddf = batched("forward_ddf"), batched("inverse_ddf")
+    if forward_ddf is None:
+        raise ValueError(f"engine output must contain 'forward_ddf', got keys {sorted(item)}")
+    moving_label, fixed_label = batched("moving_label"), batched("fixed_label")
+    if moving_label is not None and fixed_label is not None:
+        if labels is None:
+            present = torch.cat([moving_label.flatten(), fixed_label.flatten()]).round().long().unique()
+            labels = [int(v) for v in present if v != 0]
+        if labels:
+            if moving_label.shape == fixed_label.shape:
+                row["dice_before"] = label_overlap(moving_label, fixed_label, labels, "_before")["dice_before"]
+            for suffix, warped, target in (
+                ("", "moving_label_warped", fixed_label),
+                ("_inverse", "fixed_label_warped", moving_label),
+            ):
+                if batched(warped) is None:
+                    raise ValueError(f"engine output has label maps but no {warped!r} (use RegistrationEvalIteration)")
+                row.update(label_overlap(batched(warped), target, labels, suffix, hd95))
+    ddf = forward_ddf.double()
+    row["folding_fraction"] = float(folding_fraction(ddf)[0])
+    row["sdlogj"] = float(sdlogj(ddf)[0])
+    row["ndv"] = float(non_diffeomorphic_volume(ddf)[0]) if ddf.shape[1] == 3 else math.nan
+    if inverse_ddf is not None:
+        consistency = inverse_consistency_error(ddf, inverse_ddf.double())
+        row["ic_mse"], row["ic_max"] = float(consistency["mse"][0]), float(consistency["max"][0])
+    return row
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write through ``write(stream)`` into a temporary file beside ``path``, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +361,9 @@ class RegistrationMetrics(Metric):
     """Per-pair registration metrics, summarised per evaluation run; an ignite ``Metric`` for ``key_val_metric``.
 
     For every pair in ``engine.state.output`` (as produced by :class:`RegistrationEvalIteration`,
-    decollated or not):
+    decollated or not), the columns of :func:`pair_metrics`:
 
+    * ``dice_before``: Dice of the unregistered ``moving_label`` vs ``fixed_label`` (mean over labels).
     * ``dice`` / ``dice_label_<label>``: Dice of ``moving_label_warped`` vs ``fixed_label`` per label (MONAI
       ``compute_dice`` on one-hot maps), NaN for a label absent from both; ``dice`` = mean over labels
       ignoring NaN. ``dice_inverse``: the same for ``fixed_label_warped`` vs ``moving_label``.
@@ -320,70 +413,6 @@ class RegistrationMetrics(Metric):
     def iteration_completed(self, engine: Any) -> None:
         self.update(self._output_transform(engine.state.output))
 
-    def _overlap(self, warped: torch.Tensor, target: torch.Tensor, labels: list[int], suffix: str) -> dict[str, float]:
-        """Dice (and HD95) per label of two ``(1, 1, *spatial)`` integer maps."""
-        values = torch.tensor(labels, device=target.device).view(1, -1, *([1] * (target.ndim - 2)))
-        pred, ref = (warped.round().long() == values), (target.round().long() == values)
-        dice = compute_dice(pred.float(), ref.float(), include_background=True, ignore_empty=False)[0].cpu().double()
-        in_pred, in_ref = pred.flatten(2).any(-1)[0].cpu(), ref.flatten(2).any(-1)[0].cpu()
-        dice[~in_pred & ~in_ref] = math.nan
-        row = {f"dice{suffix}": _nan_mean(dice)}
-        if not suffix:
-            row.update({f"dice_label_{label}": float(d) for label, d in zip(labels, dice)})
-        if not self.hd95:
-            return row
-        hd95 = torch.full((len(labels),), math.nan, dtype=torch.float64)
-        both = in_pred & in_ref
-        if both.any():
-            hd95[both] = (
-                compute_hausdorff_distance(
-                    pred[:, both].float(), ref[:, both].float(), include_background=True, percentile=95
-                )[0]
-                .cpu()
-                .double()
-            )
-        row[f"hd95{suffix}"] = _nan_mean(hd95)
-        return row
-
-    def _pair_row(self, item: Mapping[str, Any], index: int) -> dict[str, Any]:
-        def batched(key: str) -> torch.Tensor | None:
-            value = item.get(key)
-            return value.unsqueeze(0) if isinstance(value, torch.Tensor) else None
-
-        row: dict[str, Any] = {}
-        for side in ("moving", "fixed"):
-            name = item.get(f"{side}_name")
-            if name is None and hasattr(item.get(f"{side}_image"), "meta"):
-                name = item[f"{side}_image"].meta.get("filename_or_obj")
-            row[f"{side}_name"] = str(name) if name is not None else f"pair{index}"
-        forward_ddf, inverse_ddf = batched("forward_ddf"), batched("inverse_ddf")
-        if forward_ddf is None:
-            raise ValueError(f"engine output must contain 'forward_ddf', got keys {sorted(item)}")
-        moving_label, fixed_label = batched("moving_label"), batched("fixed_label")
-        if moving_label is not None and fixed_label is not None:
-            labels = self.labels
-            if labels is None:
-                present = torch.cat([moving_label.flatten(), fixed_label.flatten()]).round().long().unique()
-                labels = [int(v) for v in present if v != 0]
-            if labels:
-                for suffix, warped, target in (
-                    ("", "moving_label_warped", fixed_label),
-                    ("_inverse", "fixed_label_warped", moving_label),
-                ):
-                    if batched(warped) is None:
-                        raise ValueError(
-                            f"engine output has label maps but no {warped!r} (use RegistrationEvalIteration)"
-                        )
-                    row.update(self._overlap(batched(warped), target, labels, suffix))
-        ddf = forward_ddf.double()
-        row["folding_fraction"] = float(folding_fraction(ddf)[0])
-        row["sdlogj"] = float(sdlogj(ddf)[0])
-        row["ndv"] = float(non_diffeomorphic_volume(ddf)[0]) if ddf.shape[1] == 3 else math.nan
-        if inverse_ddf is not None:
-            consistency = inverse_consistency_error(ddf, inverse_ddf.double())
-            row["ic_mse"], row["ic_max"] = float(consistency["mse"][0]), float(consistency["max"][0])
-        return row
-
     def update(self, output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """Add the pairs of one iteration: a list of per-pair dicts (decollated) or one batched dict."""
         if isinstance(output, Mapping):
@@ -399,7 +428,7 @@ class RegistrationMetrics(Metric):
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
             for item in items:
-                self.rows.append(self._pair_row(item, len(self.rows)))
+                self.rows.append(pair_metrics(item, self.labels, self.hd95, len(self.rows)))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{column: {"mean", "std", "count"}}`` over pairs for every numeric column, NaN/inf ignored."""

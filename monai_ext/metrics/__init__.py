@@ -1,1 +1,1 @@
-"""metrics."""
+"""Metrics: ``deformation`` (Jacobian determinants, folding, SDlogJ, NDV, inverse consistency, TRE)."""

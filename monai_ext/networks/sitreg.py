@@ -558,13 +558,22 @@ class SITReg(nn.Module):
             atomic_fwd = block.upsample(control_fwd, spatial_shape)
             atomic_rev = block.upsample(control_rev, spatial_shape)
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
-            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
+            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed;
+            # without return_intermediates each full-resolution field is released after its last use
+            if left_i is not None:
+                left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev))
+                right_i = _chain(grid, right_i, (inverse_rev, atomic_fwd))
             update_fwd = _chain(grid, inverse_rev, (atomic_fwd,))
+            if not return_intermediates:
+                del inverse_rev, atomic_fwd
             update_inv = _chain(grid, inverse_fwd, (atomic_rev,))
-            left_f = update_fwd if left_f is None else _chain(grid, update_fwd, (left_f,))
-            right_f = update_inv if right_f is None else _chain(grid, update_inv, (right_f,))
-            left_i = update_inv if left_i is None else _chain(grid, left_i, (inverse_fwd, atomic_rev))
-            right_i = update_fwd if right_i is None else _chain(grid, right_i, (inverse_rev, atomic_fwd))
+            if not return_intermediates:
+                del inverse_fwd, atomic_rev
+            if left_f is None:
+                left_f, right_f, left_i, right_i = update_fwd, update_inv, update_inv, update_fwd
+            else:
+                left_f = _chain(grid, update_fwd, (left_f,))
+                right_f = _chain(grid, update_inv, (right_f,))
             if return_intermediates:
                 cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
                 levels.append(
@@ -574,8 +583,8 @@ class SITReg(nn.Module):
                         *cumulative,
                     )
                 )  # fmt: skip
-            else:  # free this level's full-resolution fields before the next level
-                del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev, update_fwd, update_inv
+            else:
+                del update_fwd, update_inv
         if levels:
             forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
         else:

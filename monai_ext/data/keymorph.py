@@ -1,0 +1,337 @@
+"""KeyMorph data: IXI / CSV subject lists, modality-aware pair sampling, same-subject modality pairs.
+
+Layouts (spec ``keymorph.md`` section 8.3):
+
+* **IXI** (:func:`ixi_subjects`): ``data_root/{T1,T2,PD}/<name>.nii.gz`` images, optional brain masks
+  ``data_root/{mod}_mask/<name>_mask.nii.gz`` and label maps ``data_root/{mod}_seg/<name>_seg.nii.gz``. Files are
+  sorted by name per modality; ``split="train"`` takes indices ``[0, 428)``, ``"test"`` ``[428, 528)`` (the
+  reference's ``IXIDataset``), ``"all"`` every file.
+* **CSV option 1** (:func:`csv_pairs`): explicit pair rows with columns ``fixed_img_path, moving_img_path``, optional
+  ``fixed_seg_path, moving_seg_path, fixed_mask_path, moving_mask_path`` (the string ``"None"`` or an empty cell =
+  missing) and ``train`` (true / false). Pairs are used as listed.
+* **CSV option 2** (:func:`csv_subjects`): one row per image with ``img_path, modality``, optional ``seg_path``,
+  ``mask_path``, ``train``: per-modality subject lists.
+
+Subjects are dicts ``{"image": path, ["mask": path], ["label": path], "name": str, "modality": str,
+"subject": str}``; ``subject`` (the name without a trailing ``-<mod>`` / ``_<mod>``) links the modalities of one
+person (:func:`same_subject_pairs`).
+
+Pairs (:func:`modality_pairs`): without ``mix_modalities`` all *ordered* pairs of distinct images within each
+modality; with it all ordered pairs across two distinct modalities. The reference builds the within-modality pairs
+with ``itertools.product`` and so also registers every image to itself (and its directory mode pairs a folder
+with itself); those self-pairs teach nothing (the identity is exact) and are excluded here: an image is never
+paired with itself (same path).
+
+Pair dicts are ``{"moving_<key>": ..., "fixed_<key>": ...}`` (:func:`monai_ext.data.base.pair_item`), the keys the
+training / evaluation iterations read. :class:`KeyMorphPairDataset` draws ``pairs_per_epoch`` of them per epoch
+(the reference's 32 steps per epoch over a shuffled loader), reproducibly per ``(seed, epoch)``, optionally with a
+same-subject two-modality item for the keypoint-consistency step.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import apply_transform
+from torch.utils.data import Dataset
+
+from monai_ext.data.base import pair_item
+
+__all__ = [
+    "IXI_MODALITIES",
+    "IXI_SPLITS",
+    "subject_id",
+    "ixi_subjects",
+    "csv_subjects",
+    "csv_pairs",
+    "modality_pairs",
+    "same_subject_pairs",
+    "KeyMorphPairDataset",
+]
+
+IXI_MODALITIES = ("T1", "T2", "PD")
+IXI_SPLITS = {"train": (0, 428), "test": (428, 528), "all": (0, None)}
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+_TRUE = ("1", "true", "yes", "train")
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def subject_id(name: str, modality: str) -> str:
+    """``name`` without a trailing ``-<modality>`` / ``_<modality>`` (case-insensitive): the person's id."""
+    return re.sub(rf"[-_]{re.escape(modality)}$", "", name, flags=re.IGNORECASE)
+
+
+def _split(items: list, split: str) -> list:
+    if split not in IXI_SPLITS:
+        raise ValueError(f"split must be one of {sorted(IXI_SPLITS)}, got {split!r}")
+    start, stop = IXI_SPLITS[split]
+    return items[start:stop]
+
+
+def ixi_subjects(
+    data_root: str | os.PathLike,
+    modalities: Sequence[str] = IXI_MODALITIES,
+    split: str = "train",
+    masks: bool = False,
+    labels: bool = False,
+) -> dict[str, list[dict[str, str]]]:
+    """Per-modality subject lists of an IXI-layout folder (module docstring).
+
+    Args:
+        data_root: folder holding one sub-folder per modality.
+        modalities: modality folder names to read.
+        split: ``"train"`` (sorted files ``[0, 428)``), ``"test"`` (``[428, 528)``) or ``"all"``.
+        masks, labels: add ``"mask"`` / ``"label"`` paths (which must exist).
+
+    Raises:
+        FileNotFoundError: a missing modality folder, mask or label file. ValueError: a modality without images
+            in the split.
+    """
+    root = Path(data_root)
+    if not modalities:
+        raise ValueError("modalities must not be empty")
+    out: dict[str, list[dict[str, str]]] = {}
+    for modality in modalities:
+        folder = root / modality
+        if not folder.is_dir():
+            raise FileNotFoundError(f"IXI modality folder not found: {folder}")
+        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(_IMAGE_SUFFIXES))
+        files = _split(files, split)
+        if not files:
+            raise ValueError(f"no images of modality {modality!r} in split {split!r} under {folder}")
+        subjects = []
+        for path in files:
+            name = _stem(path)
+            subject = {"image": str(path), "name": name, "modality": modality, "subject": subject_id(name, modality)}
+            for wanted, key, suffix in ((masks, "mask", "mask"), (labels, "label", "seg")):
+                if wanted:
+                    extra = root / f"{modality}_{suffix}" / f"{name}_{suffix}.nii.gz"
+                    if not extra.is_file():
+                        raise FileNotFoundError(f"{key} of {path} not found: expected {extra}")
+                    subject[key] = str(extra)
+            subjects.append(subject)
+        out[modality] = subjects
+    return out
+
+
+def _read_csv(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with path.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    missing = [c for c in required if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; it has {sorted(rows[0])}")
+    return rows
+
+
+def _cell(row: Mapping[str, str], column: str) -> str | None:
+    value = (row.get(column) or "").strip()
+    return None if value in ("", "None") else value
+
+
+def _in_split(row: Mapping[str, str], split: str) -> bool:
+    if split == "all" or "train" not in row:
+        return True
+    is_train = (row["train"] or "").strip().lower() in _TRUE
+    return is_train == (split == "train")
+
+
+def csv_subjects(csv_path: str | os.PathLike, split: str = "train") -> dict[str, list[dict[str, str]]]:
+    """CSV option 2: per-modality subject lists from rows ``img_path, modality[, seg_path, mask_path, train]``.
+
+    ``split``: ``"train"`` (rows whose ``train`` is true), ``"test"`` (false) or ``"all"``; without a ``train``
+    column every row is used. Relative paths are resolved against the CSV's folder.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    base = Path(csv_path).parent
+    out: dict[str, list[dict[str, str]]] = {}
+    for row in _read_csv(csv_path, ("img_path", "modality")):
+        if not _in_split(row, split):
+            continue
+        image, modality = _cell(row, "img_path"), _cell(row, "modality")
+        if image is None or modality is None:
+            raise ValueError(f"{csv_path}: every row needs img_path and modality, got {dict(row)}")
+        subject = {"image": str(base / image), "modality": modality}
+        for column, key in (("seg_path", "label"), ("mask_path", "mask")):
+            if _cell(row, column) is not None:
+                subject[key] = str(base / _cell(row, column))
+        subject["name"] = _stem(image)
+        subject["subject"] = subject_id(subject["name"], modality)
+        out.setdefault(modality, []).append(subject)
+    if not out:
+        raise ValueError(f"{csv_path} has no rows in split {split!r}")
+    return out
+
+
+def csv_pairs(csv_path: str | os.PathLike, split: str = "train") -> list[dict[str, str]]:
+    """CSV option 1: the listed pairs as pair dicts (``moving_image``, ``fixed_image``, optional ``*_label`` /
+    ``*_mask``, ``*_name``). Rows pairing a file with itself are rejected."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    base = Path(csv_path).parent
+    pairs = []
+    for number, row in enumerate(_read_csv(csv_path, ("fixed_img_path", "moving_img_path")), start=2):
+        if not _in_split(row, split):
+            continue
+        sides = {}
+        for side in ("moving", "fixed"):
+            image = _cell(row, f"{side}_img_path")
+            if image is None:
+                raise ValueError(f"{csv_path} line {number}: {side}_img_path is missing")
+            item = {"image": str(base / image), "name": _stem(image)}
+            for column, key in (("seg_path", "label"), ("mask_path", "mask")):
+                if _cell(row, f"{side}_{column}") is not None:
+                    item[key] = str(base / _cell(row, f"{side}_{column}"))
+            sides[side] = item
+        if Path(sides["moving"]["image"]).resolve() == Path(sides["fixed"]["image"]).resolve():
+            raise ValueError(f"{csv_path} line {number}: an image is paired with itself ({sides['moving']['image']})")
+        pairs.append(pair_item(sides["moving"], sides["fixed"]))
+    if not pairs:
+        raise ValueError(f"{csv_path} has no pairs in split {split!r}")
+    return pairs
+
+
+def _same_file(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return os.path.abspath(a["image"]) == os.path.abspath(b["image"])
+
+
+def modality_pairs(
+    subjects: Mapping[str, Sequence[Mapping[str, Any]]], mix_modalities: bool = False
+) -> list[dict[str, Any]]:
+    """Pair dicts ``(moving, fixed)`` from per-modality subject lists; never an image with itself.
+
+    * ``mix_modalities=False``: every ordered pair of two different images of the same modality
+      (``n (n - 1)`` per modality);
+    * ``mix_modalities=True``: for every ordered pair of two distinct modalities ``(a, b)``, every (moving of
+      ``a``, fixed of ``b``) pair (the reference uses unordered modality combinations; both directions are used
+      here so that neither modality is always the fixed one).
+
+    Raises ``ValueError`` when no pair exists (e.g. one image per modality, or one modality with mixing).
+    """
+    modalities = sorted(subjects)
+    if mix_modalities:
+        combos = [(subjects[a], subjects[b]) for a, b in itertools.permutations(modalities, 2)]
+    else:
+        combos = [(subjects[m], subjects[m]) for m in modalities]
+    pairs = [
+        pair_item(moving, fixed)
+        for movings, fixeds in combos
+        for moving, fixed in itertools.product(movings, fixeds)
+        if not _same_file(moving, fixed)
+    ]
+    if not pairs:
+        kind = "across distinct modalities" if mix_modalities else "within a modality"
+        raise ValueError(f"no image pairs {kind} in modalities {modalities} (need two images to pair)")
+    return pairs
+
+
+def same_subject_pairs(subjects: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Same-subject two-modality items for the keypoint-consistency loss (spec 5).
+
+    For every subject id present in at least two modalities and every unordered pair of those modalities
+    ``(a < b)``: ``{"image_1": path of a, "image_2": path of b, "modality_1": a, "modality_2": b, "subject": id}``
+    (plus ``mask_1`` / ``mask_2`` when present). The two images must be co-registered (IXI "centered" data);
+    that is not checked here.
+    """
+    by_subject: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for modality in sorted(subjects):
+        for item in subjects[modality]:
+            by_subject.setdefault(item.get("subject", item.get("name")), {})[modality] = item
+    out = []
+    for sid in sorted(by_subject):
+        for a, b in itertools.combinations(sorted(by_subject[sid]), 2):
+            first, second = by_subject[sid][a], by_subject[sid][b]
+            item = {"image_1": first["image"], "image_2": second["image"], "modality_1": a, "modality_2": b}
+            item["subject"] = sid
+            if "mask" in first and "mask" in second:
+                item.update(mask_1=first["mask"], mask_2=second["mask"])
+            out.append(item)
+    if not out:
+        raise ValueError("no subject has images of two modalities (same-subject pairs need matching names)")
+    return out
+
+
+class KeyMorphPairDataset(Dataset):
+    """``pairs_per_epoch`` random pairs per epoch from a pair list, optionally with a same-subject item.
+
+    Item ``i`` of epoch ``e`` is the pair with index ``perm_e[i mod P]`` where ``perm_e`` is a random permutation of
+    the ``P`` pairs drawn from a generator seeded with ``(seed, e)``: reproducible and resumable (set the epoch with
+    :meth:`set_epoch` or :class:`monai_ext.data.pairs.PairEpochHandler`). With ``consistency`` items, a random one
+    (same generator) is merged into the pair dict under ``consistency_<key>`` (``consistency_image_1`` /
+    ``consistency_image_2``: the keys for the training iteration's ``consistency_keys``).
+
+    Args:
+        pairs: pair dicts (:func:`modality_pairs`, :func:`csv_pairs`).
+        transform: applied to the merged dict (loads the images).
+        pairs_per_epoch: items per epoch (reference 32 steps); default all pairs.
+        consistency: optional same-subject items (:func:`same_subject_pairs`).
+        seed: base seed.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Mapping[str, Any]],
+        transform: Callable | None = None,
+        pairs_per_epoch: int | None = None,
+        consistency: Sequence[Mapping[str, Any]] | None = None,
+        seed: int = 23,
+    ) -> None:
+        self.pairs = list(pairs)
+        if not self.pairs:
+            raise ValueError("pairs must not be empty")
+        self.pairs_per_epoch = len(self.pairs) if pairs_per_epoch is None else int(pairs_per_epoch)
+        if self.pairs_per_epoch < 1:
+            raise ValueError(f"pairs_per_epoch must be positive, got {pairs_per_epoch}")
+        self.consistency = None if consistency is None else list(consistency)
+        if self.consistency is not None and not self.consistency:
+            raise ValueError("consistency must be None or non-empty")
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the pairs of ``epoch`` (0-based)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.pairs_per_epoch
+
+    def indices(self, index: int) -> tuple[int, int | None]:
+        """``(pair index, consistency index or None)`` of item ``index`` in the current epoch."""
+        if not 0 <= index < self.pairs_per_epoch:
+            raise IndexError(f"index {index} out of range for {self.pairs_per_epoch} pairs per epoch")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.pairs), generator=generator)
+        pair = int(order[index % len(self.pairs)])
+        if self.consistency is None:
+            return pair, None
+        extra = torch.randint(len(self.consistency), (self.pairs_per_epoch,), generator=generator)
+        return pair, int(extra[index])
+
+    def __getitem__(self, index: int) -> Any:
+        pair, extra = self.indices(index)
+        item = dict(self.pairs[pair])
+        if extra is not None:
+            item.update({f"consistency_{k}": v for k, v in self.consistency[extra].items()})
+        return apply_transform(self.transform, item) if self.transform is not None else item

@@ -1,0 +1,1 @@
+"""Iterations and handlers for MONAI's engines: ``registration`` (SITReg pairs), ``keymorph``, ``consistency``, ``resume``."""
