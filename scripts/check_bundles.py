@@ -13,6 +13,9 @@ Per bundle (no check is skipped; a missing file is a failure):
   is handed over as ``filepath``: ``verify_metadata`` downloads ``metadata["schema"]`` to ``filepath`` only
   when that file does not exist yet, so with the local file present nothing is fetched;
 * changelog: ``version`` is a key of ``changelog`` (the Model Zoo's ``verify_version_changes``);
+* large_files: ``large_files.yml`` (or ``.yaml`` / ``.json``) lists the weights for ``monai.bundle
+  download_large_files``: every entry has ``path`` (inside the bundle), ``url``, ``hash_val`` and ``hash_type``
+  (md5, sha1, sha256 or sha512), and ``models/model.pt`` is one of them;
 * net_in_out: ``monai.bundle.verify_net_in_out("network_def", ...)`` with ``configs/inference.json`` on CPU
   (a random ``image`` of the declared channels and shape, ``"*n"`` sizes with ``n``; checks ``pred``'s
   channel count and dtype).
@@ -32,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEMA = REPO / "scripts" / "metadata_schema.json"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json")
-CHECKS = ("files", "metadata", "changelog", "net_in_out")
+CHECKS = ("files", "metadata", "changelog", "large_files", "net_in_out")
+HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 
 
 def _run(check: Callable[[], None]) -> str:
@@ -74,6 +78,27 @@ def check_bundle(
         if content.get("version") not in content.get("changelog", {}):
             raise ValueError(f"version {content.get('version')!r} has no entry in changelog")
 
+    def large_files() -> None:
+        from monai.bundle import ConfigParser
+
+        found = sorted(p for p in bundle_dir.glob("large_files*") if p.suffix in (".yml", ".yaml", ".json"))
+        if not found:
+            raise FileNotFoundError("no large_files.yml naming the weights (models/model.pt) with url and hash")
+        entries = ConfigParser.load_config_file(str(found[0])).get("large_files")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{found[0].name} has no 'large_files' list")
+        for entry in entries:
+            missing = [k for k in ("path", "url", "hash_val", "hash_type") if not entry.get(k)]
+            if missing:
+                raise ValueError(f"{found[0].name} entry {entry.get('path')!r} lacks {', '.join(missing)}")
+            if entry["hash_type"] not in HASH_TYPES:
+                raise ValueError(f"{found[0].name} entry {entry['path']!r}: hash_type must be one of {HASH_TYPES}")
+            target = (bundle_dir / entry["path"]).resolve()
+            if not target.is_relative_to(bundle_dir.resolve()):
+                raise ValueError(f"{found[0].name} entry path {entry['path']!r} leaves the bundle")
+        if "models/model.pt" not in {str(Path(e["path"]).as_posix()).removeprefix("./") for e in entries}:
+            raise ValueError(f"{found[0].name} does not list models/model.pt")
+
     def net_in_out() -> None:
         verify_net_in_out(
             net_id="network_def",
@@ -87,7 +112,7 @@ def check_bundle(
         )
 
     results = {"bundle": bundle_dir.name}
-    for name, check in zip(CHECKS, (files, metadata, changelog, net_in_out)):
+    for name, check in zip(CHECKS, (files, metadata, changelog, large_files, net_in_out)):
         results[name] = _run(check)
     return results
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from monai_ext.engines.consistency import ConsistencyTrainIteration, TripletDataset, triplet_group
+from monai_ext.data.pairs import TripletDataset
+from monai_ext.engines.consistency import ConsistencyTrainIteration, triplet_group
 from monai_ext.engines.registration import forward_and_inverse
 from monai_ext.losses.consistency import (
     GroupConsistencyLoss,

@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.transforms import apply_transform
+from monai.transforms import Compose, Orientationd, apply_transform
 from torch.utils.data import Dataset
 
 from monai_ext.data.base import pair_item
+from monai_ext.io.native import model_space_transforms
 
 __all__ = [
     "IXI_MODALITIES",
@@ -54,6 +55,11 @@ __all__ = [
     "modality_pairs",
     "same_subject_pairs",
     "KeyMorphPairDataset",
+    "keymorph_subjects",
+    "keymorph_pairs",
+    "keymorph_transforms",
+    "paired_files",
+    "folder_images",
 ]
 
 IXI_MODALITIES = ("T1", "T2", "PD")
@@ -335,3 +341,154 @@ class KeyMorphPairDataset(Dataset):
         if extra is not None:
             item.update({f"consistency_{k}": v for k, v in self.consistency[extra].items()})
         return apply_transform(self.transform, item) if self.transform is not None else item
+
+
+def keymorph_subjects(
+    dataset: str,
+    data_path: str | os.PathLike,
+    split: str = "train",
+    modalities: Sequence[str] = IXI_MODALITIES,
+    labels: bool = False,
+) -> dict[str, list[dict[str, str]]]:
+    """Per-modality subjects of ``dataset`` ``"ixi"`` (:func:`ixi_subjects`) or ``"csv"`` (:func:`csv_subjects`)."""
+    if dataset == "ixi":
+        return ixi_subjects(data_path, modalities, split, labels=labels)
+    if dataset == "csv":
+        return csv_subjects(data_path, split)
+    raise ValueError(f"subject lists need dataset 'ixi' or 'csv', got {dataset!r}")
+
+
+def keymorph_pairs(
+    dataset: str,
+    data_path: str | os.PathLike,
+    split: str = "train",
+    modalities: Sequence[str] = IXI_MODALITIES,
+    mix_modalities: bool = False,
+    labels: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 23,
+) -> list[dict[str, Any]]:
+    """Pair dicts of a training / evaluation split, the bundles' single entry point.
+
+    Args:
+        dataset: ``"ixi"`` (``data_path`` = IXI root), ``"csv"`` (option 2 subject CSV, pairs by
+            :func:`modality_pairs`) or ``"csv_pairs"`` (option 1 pair CSV, used as listed).
+        split: ``"train"`` / ``"test"`` (``"all"``).
+        modalities: IXI modality folders (ignored for CSVs).
+        mix_modalities: cross-modality pairs instead of within-modality pairs.
+        labels: IXI: require label maps (supervised training, Dice).
+        max_pairs: keep a random subset of this many pairs (seeded; e.g. a small validation set).
+        seed: seed of the subset.
+    """
+    if dataset == "csv_pairs":
+        pairs = csv_pairs(data_path, split)
+    elif dataset in ("ixi", "csv"):
+        pairs = modality_pairs(keymorph_subjects(dataset, data_path, split, modalities, labels), mix_modalities)
+    else:
+        raise ValueError(f"dataset must be 'ixi', 'csv' or 'csv_pairs', got {dataset!r}")
+    if labels and any("moving_label" not in p or "fixed_label" not in p for p in pairs):
+        raise ValueError(f"labels=True but some pairs of {data_path} have no label maps")
+    if max_pairs is not None and max_pairs < len(pairs):
+        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(int(seed)))[: int(max_pairs)]
+        pairs = [pairs[i] for i in sorted(keep.tolist())]
+    return pairs
+
+
+def keymorph_transforms(
+    image_keys: Sequence[str],
+    label_keys: Sequence[str] = (),
+    pixdim: Sequence[float] | None = (1.0, 1.0, 1.0),
+    spatial_size: Sequence[int] | None = (256, 256, 256),
+    swap_hw: bool = False,
+) -> Compose:
+    """KeyMorph / BrainMorph preprocessing to model space (spec 9.2), from MONAI transforms.
+
+    :func:`monai_ext.io.native.model_space_transforms` with RAS orientation, ``pixdim`` resampling, symmetric
+    crop / pad to ``spatial_size`` and **min-max** intensity scaling (percentiles 0 and 100, the reference's
+    ``rescale_intensity``). BrainMorph: 1 mm, 256^3. IXI half resolution: 2 mm, 128^3 (the reference average-pools
+    its 1 mm 256^3 data by 2).
+
+    ``swap_hw``: the IXI half-resolution models were trained on tensors whose last two axes were swapped
+    (``permute(0, 1, 3, 2)``, spec quirk 20). Reorienting to ``"RSA"`` instead of ``"RAS"`` is that swap with the
+    affine kept correct (``Orientationd`` updates the metadata), so outputs still map back to native space.
+    """
+    base = model_space_transforms(
+        image_keys, label_keys, pixdim=pixdim, spatial_size=spatial_size, intensity="percentile", percentiles=(0, 100)
+    )
+    if not swap_hw:
+        return base
+    keys = list(image_keys) + list(label_keys)
+    return Compose([base, Orientationd(keys=keys, axcodes="RSA", labels=None)])
+
+
+def _listing(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(_IMAGE_SUFFIXES)}
+
+
+def paired_files(
+    moving: str | os.PathLike,
+    fixed: str | os.PathLike,
+    moving_label: str | os.PathLike | None = None,
+    fixed_label: str | os.PathLike | None = None,
+) -> list[dict[str, str]]:
+    """Inference pairs from two files or two folders (pair dicts with ``*_image``, ``*_name``, ``*_label``).
+
+    Files: one pair. Folders: files with the same name in both folders are paired (sorted by name), label maps are
+    the same names in the label folders. Never an image with itself: the same file given as moving and fixed (or two
+    folders that are the same folder) raises ``ValueError`` (the reference's directory mode silently registered
+    every image to itself). Raises ``FileNotFoundError`` for missing paths and ``ValueError`` when nothing pairs.
+    """
+    moving, fixed = Path(moving), Path(fixed)
+    labels = (moving_label is None, fixed_label is None)
+    if labels[0] != labels[1]:
+        raise ValueError("give both moving_label and fixed_label, or neither")
+    for name, path in (("moving", moving), ("fixed", fixed)):
+        if not path.exists():
+            raise FileNotFoundError(f"{name} not found: {path}")
+    if moving.is_file() and fixed.is_file():
+        names = [(moving, fixed, None)]
+    elif moving.is_dir() and fixed.is_dir():
+        left, right = _listing(moving), _listing(fixed)
+        names = [(left[n], right[n], n) for n in left if n in right]
+        if not names:
+            raise ValueError(f"no file name is present in both {moving} and {fixed}")
+    else:
+        raise ValueError(f"moving and fixed must both be files or both be folders, got {moving} and {fixed}")
+    pairs = []
+    for moving_path, fixed_path, name in names:
+        if moving_path.resolve() == fixed_path.resolve():
+            raise ValueError(f"an image cannot be registered to itself: {moving_path}")
+        item = {
+            "moving_image": str(moving_path),
+            "fixed_image": str(fixed_path),
+            "moving_name": _stem(moving_path),
+            "fixed_name": _stem(fixed_path),
+        }
+        if moving_label is not None:
+            for side, root in (("moving", Path(moving_label)), ("fixed", Path(fixed_label))):
+                path = root / name if name is not None else root
+                if not path.is_file():
+                    raise FileNotFoundError(f"{side} label map not found: {path}")
+                item[f"{side}_label"] = str(path)
+        pairs.append(item)
+    return pairs
+
+
+def folder_images(folder: str | os.PathLike, label_folder: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """Groupwise inputs: every image of ``folder`` (sorted) as ``{"image", "name"[, "label"]}``; label maps are the
+    files of the same name in ``label_folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    items = []
+    for name, path in _listing(folder).items():
+        item = {"image": str(path), "name": _stem(path)}
+        if label_folder is not None:
+            label = Path(label_folder) / name
+            if not label.is_file():
+                raise FileNotFoundError(f"label map of {path} not found: {label}")
+            item["label"] = str(label)
+        items.append(item)
+    if not items:
+        raise ValueError(f"no images in {folder}")
+    return items

@@ -9,6 +9,9 @@ epochs continue through the current permutation before a new one starts (SITReg'
 Intra-case (``pairing="intra"``, lung datasets): each case holds two images of one subject (e.g.
 inhale / exhale); its pair is (image 0 = moving, image 1 = fixed), visited in the fixed case order.
 
+Triplets (:class:`TripletDataset`, SITReg's group-consistency fine-tuning): triplets of distinct cases
+drawn uniformly with replacement, the same on every process of a triplet group.
+
 The epoch must be known when the items are loaded: call :meth:`RegistrationPairDataset.set_epoch` or
 attach :class:`PairEpochHandler` to the trainer (it uses ``engine.state.epoch``, so a resumed run
 continues with the right pairs).
@@ -16,6 +19,7 @@ continues with the right pairs).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from monai.transforms import apply_transform
 from torch.utils.data import Dataset
 
-__all__ = ["RegistrationPairDataset", "PairEpochHandler"]
+__all__ = ["RegistrationPairDataset", "TripletDataset", "PairEpochHandler"]
 
 
 class RegistrationPairDataset(Dataset):
@@ -115,6 +119,82 @@ class RegistrationPairDataset(Dataset):
         else:
             item = {f"moving_{k}": v for k, v in self.data[moving].items()}
             item.update({f"fixed_{k}": v for k, v in self.data[fixed].items()})
+        return apply_transform(self.transform, item) if self.transform is not None else item
+
+
+class TripletDataset(Dataset):
+    """Map-style dataset of ``steps_per_epoch`` triplets of distinct cases, drawn uniformly with replacement.
+
+    Each epoch draws ``steps_per_epoch * num_groups`` indices uniformly from the ``n (n - 1) (n - 2)`` ordered
+    triplets (SITReg's ``VolumetricRegistrationTrainingDatasetWithReplacement``, ``randint`` over
+    ``perm(n, 3)``) with a ``torch.Generator`` seeded by ``seed + epoch``, so every process computes the same
+    draws; triplet group ``g`` takes draws ``g, g + num_groups, ...``. Item ``i`` is
+    ``{f"{key}_{j}": data[case_j][key]}`` for ``j`` = 1, 2, 3 and every key (then ``transform``).
+
+    Args:
+        data: the cases, dicts such as ``{"image": path, "mask": path}``; at least 3.
+        steps_per_epoch: items per epoch (per triplet group).
+        transform: callable (e.g. a MONAI ``Compose``) applied to each item (loads the images).
+        seed: seed of the draws.
+        num_groups, group_index: number of triplet groups (world size / 3) and this process's group
+            (rank // 3).
+
+    Call :meth:`set_epoch` before each epoch (``monai_ext.data.pairs.PairEpochHandler`` does it).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping[str, Any]],
+        steps_per_epoch: int,
+        transform: Callable | None = None,
+        seed: int = 123456789,
+        num_groups: int = 1,
+        group_index: int = 0,
+    ) -> None:
+        self.data = list(data)
+        if len(self.data) < 3:
+            raise ValueError(f"data must hold at least 3 cases, got {len(self.data)}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        if num_groups < 1 or not 0 <= group_index < num_groups:
+            raise ValueError(f"group_index must be in [0, num_groups), got {group_index} and {num_groups}")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.transform = transform
+        self.seed = int(seed)
+        self.num_groups = int(num_groups)
+        self.group_index = int(group_index)
+        self.epoch = 0
+        self._draws: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the triplets of ``epoch`` (0-based)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self.epoch:
+            self.epoch, self._draws = int(epoch), None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def triplet_indices(self, index: int) -> tuple[int, int, int]:
+        """Case indices ``(i_1, i_2, i_3)``, pairwise distinct, of item ``index`` in the current epoch."""
+        if not 0 <= index < self.steps_per_epoch:
+            raise IndexError(f"index {index} out of range for {self.steps_per_epoch} steps per epoch")
+        n = len(self.data)
+        if self._draws is None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            size = (self.steps_per_epoch * self.num_groups,)
+            self._draws = torch.randint(math.perm(n, 3), size, generator=generator)
+        first, rest = divmod(int(self._draws[index * self.num_groups + self.group_index]), (n - 1) * (n - 2))
+        second, third = divmod(rest, n - 2)  # ranks among the cases left after removing the earlier ones
+        second += second >= first
+        for taken in sorted((first, second)):
+            third += third >= taken
+        return first, second, third
+
+    def __getitem__(self, index: int) -> Any:
+        cases = enumerate(self.triplet_indices(index), 1)
+        item = {f"{key}_{j}": value for j, case in cases for key, value in self.data[case].items()}
         return apply_transform(self.transform, item) if self.transform is not None else item
 
 

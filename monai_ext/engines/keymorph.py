@@ -36,7 +36,7 @@ from monai_ext.data.keymorph_augmentation import (
     check_max_params,
     random_keymorph_affine,
 )
-from monai_ext.engines.registration import to_device
+from monai_ext.engines.registration import as_loss_terms, backward_and_step, to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
 from monai_ext.spatial.affine import transform_points
 from monai_ext.spatial.sampling import warp
@@ -411,18 +411,7 @@ class KeyMorphTrainIteration(_AugmentingIteration):
             )
             label_args = (warp(moving_onehot.to(ddf.dtype), ddf), fixed_onehot.to(ddf.dtype))
             engine.state.output["labels"] = labels.expand(moving.shape[0], -1)  # (B, L): decollates per item
-        terms = engine.loss_function(moving_warped, fixed, *label_args)
-        if not isinstance(terms, Mapping):
-            terms = {Keys.LOSS: terms}
-        if Keys.LOSS not in terms:
-            raise ValueError(f"the loss function must return a dict with key 'loss', got keys {sorted(terms)}")
-        loss = terms[Keys.LOSS].mean()
-        engine.state.output.update({k: v.detach() for k, v in terms.items() if k != Keys.LOSS})
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        backward_and_step(engine, as_loss_terms(engine.loss_function(moving_warped, fixed, *label_args)))
         if self.consistency_weight > 0:
             engine.state.output["kpconsistency"] = self._consistency_step(engine, batchdata, model)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

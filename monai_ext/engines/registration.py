@@ -50,6 +50,8 @@ __all__ = [
     "SymmetricPairNetwork",
     "forward_and_inverse",
     "to_device",
+    "as_loss_terms",
+    "backward_and_step",
     "RegistrationTrainIteration",
     "RegistrationEvalIteration",
     "RegistrationMetrics",
@@ -110,6 +112,30 @@ def to_device(engine: Any, batch: Mapping[str, Any], keys: Sequence[str | None])
     return out
 
 
+def as_loss_terms(terms: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+    """A loss function's result as a dict holding the total under ``"loss"`` (a bare tensor is the total)."""
+    if not isinstance(terms, Mapping):
+        return {Keys.LOSS: terms}
+    if Keys.LOSS not in terms:
+        raise ValueError(f"the loss function must return a dict with key 'loss', got keys {sorted(terms)}")
+    return dict(terms)
+
+
+def backward_and_step(engine: Any, terms: Mapping[str, torch.Tensor], loss: torch.Tensor | None = None) -> None:
+    """Record the loss terms in ``engine.state.output``, backpropagate the total and step ``engine.optimizer``.
+
+    Every term except ``"loss"`` is stored detached; the total (``loss``, default ``terms["loss"].mean()``)
+    is stored under ``"loss"``. Fires ``LOSS_COMPLETED`` and ``BACKWARD_COMPLETED`` like MONAI's own iteration.
+    """
+    loss = terms[Keys.LOSS].mean() if loss is None else loss
+    engine.state.output.update({k: v.detach() for k, v in terms.items() if k != Keys.LOSS})
+    engine.state.output[Keys.LOSS] = loss
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    loss.backward()
+    engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+    engine.optimizer.step()
+
+
 class RegistrationTrainIteration:
     """``iteration_update`` for ``SupervisedTrainer``: one symmetric registration training step.
 
@@ -160,17 +186,7 @@ class RegistrationTrainIteration:
         terms = engine.loss_function(
             moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask
         )
-        if not isinstance(terms, Mapping):
-            terms = {Keys.LOSS: terms}
-        if Keys.LOSS not in terms:
-            raise ValueError(f"the loss function must return a dict with key 'loss', got keys {sorted(terms)}")
-        loss = terms[Keys.LOSS].mean()
-        engine.state.output.update({k: v.detach() for k, v in terms.items() if k != Keys.LOSS})
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        backward_and_step(engine, as_loss_terms(terms))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -159,6 +159,10 @@ class SITRegEncoder(nn.Module):
             levels.append(out)
         return levels
 
+    def finest(self, x: torch.Tensor) -> torch.Tensor:
+        """Level-0 features alone, ``(B, features[0], *spatial)``: the same as ``forward(x)[0]``."""
+        return self.initial_block(self.initial_projection(x))
+
 
 # elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)
 _SLAB_ELEMENTS = 1 << 24
@@ -496,6 +500,18 @@ class SITReg(nn.Module):
         to_voxel = invert_homogeneous(to_world)
         return to_voxel @ world_fwd @ to_world, to_voxel @ world_inv @ to_world
 
+    def _encode(self, image: torch.Tensor, drop_finest: bool) -> list[torch.Tensor | None]:
+        """Encoder features of one image, finest first; level 0 replaced by ``None`` if ``drop_finest``."""
+        features: list[torch.Tensor | None] = self.encoder(image)
+        if drop_finest:
+            features[0] = None
+        return features
+
+    def _pop_finest(self, features: list[torch.Tensor | None], image: torch.Tensor) -> torch.Tensor:
+        """Remove and return the finest remaining level of ``features``, recomputed from ``image`` if dropped."""
+        popped = features.pop()
+        return self.encoder.finest(image) if popped is None else popped
+
     def _warp_features(
         self, features: torch.Tensor, level: int, chain: torch.Tensor | None, affine: torch.Tensor | None
     ) -> torch.Tensor:
@@ -536,8 +552,11 @@ class SITReg(nn.Module):
         """
         self._check_images(moving, fixed)
         spatial_shape = tuple(moving.shape[2:])
-        # GroupNorm is per sample, so encoding the images one at a time gives the same features
-        features_1, features_2 = self.encoder(moving), self.encoder(fixed)
+        # GroupNorm is per sample, so encoding the images one at a time gives the same features. Without
+        # autograd the full-resolution features are dropped and recomputed when level 0 is reached: held
+        # through the coarser levels, they would dominate the peak memory.
+        features_1 = self._encode(moving, drop_finest=not torch.is_grad_enabled())
+        features_2 = self._encode(fixed, drop_finest=not torch.is_grad_enabled())
         affines: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if self.affine_head is not None:
             affines = self._affine_stage(features_1[-1], features_2[-1], spatial_shape)
@@ -545,30 +564,29 @@ class SITReg(nn.Module):
         left_f = right_f = left_i = right_i = None
         grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]
         levels: list[SITRegLevel] = []
+        # Without return_intermediates every tensor is released after its last use (the `del`s below).
         for level in reversed(self.deformation_levels):
             block = self.deformation_blocks[str(level)]
-            # drop the levels already processed and pop this one: features are freed once warped
-            del features_1[level + 1 :], features_2[level + 1 :]
-            warped_1 = self._warp_features(features_1.pop(), level, left_f, aff_f)
-            warped_2 = self._warp_features(features_2.pop(), level, right_f, aff_i)
+            del features_1[level + 1 :], features_2[level + 1 :]  # levels already processed
+            warped_1 = self._warp_features(self._pop_finest(features_1, moving), level, left_f, aff_f)
+            warped_2 = self._warp_features(self._pop_finest(features_2, fixed), level, right_f, aff_i)
             pre_fwd, pre_rev = block(warped_1, warped_2), block(warped_2, warped_1)
             control_fwd, control_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
             if not return_intermediates:
-                del warped_1, warped_2  # not needed at full resolution
+                del warped_1, warped_2, pre_fwd, pre_rev
             atomic_fwd = block.upsample(control_fwd, spatial_shape)
             atomic_rev = block.upsample(control_rev, spatial_shape)
+            if not return_intermediates:
+                del control_fwd, control_rev
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
-            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed;
-            # without return_intermediates each full-resolution field is released after its last use
+            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
             if left_i is not None:
                 left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev))
                 right_i = _chain(grid, right_i, (inverse_rev, atomic_fwd))
             update_fwd = _chain(grid, inverse_rev, (atomic_fwd,))
-            if not return_intermediates:
-                del inverse_rev, atomic_fwd
             update_inv = _chain(grid, inverse_fwd, (atomic_rev,))
             if not return_intermediates:
-                del inverse_fwd, atomic_rev
+                del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev
             if left_f is None:
                 left_f, right_f, left_i, right_i = update_fwd, update_inv, update_inv, update_fwd
             else:

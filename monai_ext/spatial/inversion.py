@@ -136,11 +136,11 @@ class AndersonSolver:
     def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         """Next iterate ``(B, 1, N)`` from stored images ``gs`` and residuals ``fs`` ``(B, k, N)``, ``gram = fs fs^T``."""
         batch, k = gs.shape[:2]
-        system = gs.new_zeros(batch, k + 1, k + 1)
+        system = gs.new_zeros((batch, k + 1, k + 1))
         system[:, 0, 1:] = 1
         system[:, 1:, 0] = 1
         system[:, 1:, 1:] = gram + self.matrix_epsilon * torch.eye(k, dtype=gs.dtype, device=gs.device)
-        target = gs.new_zeros(batch, k + 1, 1)
+        target = gs.new_zeros((batch, k + 1, 1))
         target[:, 0] = 1
         alpha = torch.linalg.solve(system, target)[:, 1:].transpose(1, 2)  # (B, 1, k)
         mixed = torch.bmm(alpha, gs)  # sum_i a_i g(x_i)
@@ -160,9 +160,9 @@ class AndersonSolver:
         x = x0.detach()
         batch, shape, m = x.shape[0], x.shape, self.memory
         # allocated lazily by the OS: slots never reached (fast convergence) cost no memory
-        gs = x.new_empty(batch, m, x[0].numel())
+        gs = x.new_empty((batch, m, x[0].numel()))
         fs = torch.empty_like(gs)
-        gram = x.new_zeros(batch, m, m)
+        gram = x.new_zeros((batch, m, m))
         n = 0
         while True:
             gx = g(x).detach()
@@ -173,13 +173,15 @@ class AndersonSolver:
             if self.stop.should_stop(n, residual):
                 break
             slot = (n - 1) % m
-            gs[:, slot] = gx.reshape(batch, -1)
-            torch.sub(gs[:, slot], x.reshape(batch, -1), out=fs[:, slot])
+            torch.sub(gx.reshape(batch, -1), x.reshape(batch, -1), out=fs[:, slot])
+            gs[:, slot] = gx.reshape(batch, -1)  # (x may be a view of this slot: written after its last use)
+            del gx
             k = min(n, m)
             row = torch.bmm(fs[:, :k], fs[:, slot, :, None])[..., 0]  # (B, k): f_i . f_slot
             gram[:, slot, :k] = row
             gram[:, :k, slot] = row
-            x = gx if k == 1 else self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k]).reshape(shape)
+            x = gs[:, slot] if k == 1 else self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k])
+            x = x.reshape(shape)
         self.last_iterations, self.last_residual = n, residual
         if not self.stop.converged(residual):
             warnings.warn(

@@ -76,7 +76,7 @@ def sample(
         raise ValueError(f"coords must be (B, {n}, ...) voxel coordinates, got {tuple(coords.shape)}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
-    if len({volume.shape[0], coords.shape[0]} - {1}) > 1:
+    if len({int(volume.shape[0]), int(coords.shape[0])} - {1}) > 1:  # int(): traced sizes are tensors
         raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
     batch = max(volume.shape[0], coords.shape[0])
     if not volume.is_floating_point():
@@ -97,6 +97,7 @@ def sample(
     volume = volume.permute(0, 1, *spatial).expand(batch * chunks, *volume.shape[1:2], *volume.shape[:1:-1])
     grid = normalized.transpose(1, 2).expand(batch, -1, n).reshape(batch * chunks, -1, *([1] * (n - 1)), n)
     out = F.grid_sample(volume, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
+    del normalized, grid  # release the coordinates before the output is rearranged
     if chunks > 1:  # batch is 1: the chunks of points back in order
         out = out.reshape(chunks, volume.shape[1], -1).transpose(0, 1).reshape(1, volume.shape[1], -1)[..., :count]
     return out.reshape(batch, volume.shape[1], *out_shape)

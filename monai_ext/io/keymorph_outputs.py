@@ -1,0 +1,436 @@
+"""KeyMorph / BrainMorph inference: several closed-form alignments per pair, keypoint and matrix outputs, groupwise.
+
+Pairwise (with MONAI's ``SupervisedEvaluator``): :class:`KeyMorphInferenceIteration` detects the keypoints of a
+pair once and fits every requested alignment (``affine``, ``rigid``, ``tps_<lambda>``,
+:meth:`monai_ext.networks.keymorph.KeyMorph.register`); :class:`KeyMorphWriter` (a
+:class:`~monai_ext.io.outputs.RegistrationWriter`) writes ``<output_dir>/<moving>__<fixed>/``:
+
+* ``keypoints_fixed.csv``, ``keypoints_moving.csv``: the ``K`` keypoints of each image (column ``index``, world
+  ``x_ras, y_ras, z_ras`` in mm and ``i, j, k`` voxel coordinates of that image's **file**);
+* per alignment ``<alignment>/``: every generic output of the RegistrationWriter (warped image / labels, DDFs, ITK
+  displacement field, Jacobian, ``metrics.json``, ``qa.png``; all on the native fixed grid), plus
+  ``keypoints_aligned.csv`` (the moving keypoints mapped into the fixed image, file voxels of the fixed image),
+  ``mse`` in ``metrics.json`` (model space, warped moving vs fixed image), for ``affine`` / ``rigid`` the map as an
+  ITK transform file ``transform_itk.tfm`` (world, fixed points -> moving points, ITK's resampling convention:
+  ``antsApplyTransforms -t transform_itk.tfm`` warps the moving image onto the fixed one), and optionally
+  ``keypoints_qa.png`` (model-space QA figure with the moving, fixed and aligned keypoints).
+
+Groupwise (:func:`write_groupwise`): :meth:`KeyMorph.groupwise_register` over a lazy iterable of preprocessed
+images; every image is warped into the common (template) space and written with its keypoints; ``metrics.json``
+holds the mean pairwise Dice of the warped label maps (if any) and the folding fraction of every field.
+
+Keypoint coordinates: KeyMorph keypoints are normalised ``[-1, 1]`` model-space coordinates (align_corners=True);
+:func:`keypoints_to_voxels` turns them into model voxels (for the moving image with the reference's read
+convention when the model uses ``reference_grid``), the model affine into world mm, the file affine into file voxels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+from monai_ext.engines.registration import to_device
+from monai_ext.io.itk_fields import write_image, write_itk_affine
+from monai_ext.io.native import load_image
+from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, check_pair_files
+from monai_ext.io.qa import qa_figure
+from monai_ext.io.writers import atomic_output
+from monai_ext.metrics.deformation import folding_fraction
+from monai_ext.networks.keymorph import fit_keypoint_transform, parse_alignment
+from monai_ext.networks.keypoints import load_keymorph_checkpoint
+from monai_ext.spatial.coordinates import invert_homogeneous
+from monai_ext.spatial.sampling import affine_to_ddf, warp
+
+__all__ = [
+    "KEYMORPH_OUTPUTS",
+    "keypoints_to_voxels",
+    "check_input_images",
+    "load_keymorph_weights",
+    "KeyMorphInferenceIteration",
+    "KeyMorphWriter",
+    "write_groupwise",
+]
+
+KEYMORPH_OUTPUTS = ("transform_itk", "keypoints", "keypoints_qa")
+_LABEL_WARP = {"mode": "nearest", "padding": "zeros"}
+
+
+def keypoints_to_voxels(points: torch.Tensor, spatial_shape: Sequence[int], align_corners: bool = True) -> torch.Tensor:
+    """Normalised keypoints ``(..., n)`` -> voxel coordinates of a grid of ``spatial_shape``.
+
+    ``align_corners=True``: ``v = (p + 1) (N - 1) / 2`` (KeyMorph's keypoint convention); ``False``:
+    ``v = (p + 1) N / 2 - 0.5`` (how the reference *reads* the moving image, ``reference_grid=True``).
+    """
+    size = torch.tensor([float(s) for s in spatial_shape], dtype=points.dtype, device=points.device)
+    return (points + 1) * (size - 1) / 2 if align_corners else (points + 1) * size / 2 - 0.5
+
+
+def check_input_images(
+    pairs: Sequence[Mapping[str, Any]] | None = None, images: Sequence[Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Validate every input file before any output is written (so a bad input leaves no partial outputs).
+
+    Every ``*_image`` / ``image`` must be a readable single-channel 3-D image with finite, non-constant values
+    (a constant image has no keypoints: "empty image"); ``*_label`` / ``label`` maps must be integer and on their
+    image's grid (:func:`monai_ext.io.native.load_image`). Give ``pairs`` (pair dicts) or ``images`` (dicts with
+    ``image`` and optionally ``label``; at least two for groupwise). Returns the checked dicts.
+    """
+    if (pairs is None) == (images is None):
+        raise ValueError("give pairs or images (exactly one)")
+    if pairs is not None:
+        items, sides = check_pair_files(pairs), ("moving_", "fixed_")
+    else:
+        items, sides = [dict(i) for i in images], ("",)
+        if len(items) < 2:
+            raise ValueError(f"groupwise registration needs at least 2 images, got {len(items)}")
+        for index, item in enumerate(items):
+            if "image" not in item or not Path(item["image"]).is_file():
+                raise FileNotFoundError(f"images[{index}]: image file not found: {item.get('image')}")
+    for item in items:
+        for side in sides:
+            image = load_image(item[f"{side}image"], spatial_dims=3)
+            if float(image.max()) == float(image.min()):
+                raise ValueError(f"{item[f'{side}image']}: the image is empty (constant value {float(image.min())})")
+            if f"{side}label" in item:
+                load_image(item[f"{side}label"], spatial_dims=3, label=True, reference=image)
+    return items
+
+
+def load_keymorph_weights(
+    network: nn.Module, path: str | os.PathLike | None, keys: Sequence[str] = ("model", "network")
+) -> nn.Module:
+    """Load weights into a :class:`~monai_ext.networks.keymorph.KeyMorph` (in place; ``None`` / ``""`` = keep them).
+
+    A bundle checkpoint (``.pt`` of ``CheckpointSaver``: the KeyMorph state dict under the first of ``keys`` it
+    holds, e.g. ``model.pt`` or a pretraining ``checkpoint_epoch=<E>.pt``) is loaded strictly; anything else is
+    read as an official KeyMorph / BrainMorph checkpoint into ``network.backbone``
+    (:func:`~monai_ext.networks.keypoints.load_keymorph_checkpoint`, ``weights_only`` loading).
+    """
+    if path is None or str(path) == "":
+        return network
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in keys:
+            if isinstance(state, Mapping) and key in state:
+                network.load_state_dict(state[key])
+                return network
+    load_keymorph_checkpoint(path, network.backbone)
+    return network
+
+
+class KeyMorphInferenceIteration:
+    """``iteration_update`` for ``SupervisedEvaluator``: every alignment of a pair from one keypoint detection.
+
+    ``engine.network`` is a :class:`~monai_ext.networks.keymorph.KeyMorph` (in eval mode, no gradients). The output
+    keeps the batch's images, labels and names and adds ``alignments``: ``{name: {"forward_ddf", "moving_image_warped",
+    "inverse_ddf", ["moving_label_warped", "fixed_label_warped"], "points_fixed_voxel", "points_moving_voxel",
+    "points_aligned_voxel", ["inverse_matrix_voxel"]}}`` (model voxels; ``forward_ddf``: fixed grid -> moving image;
+    ``inverse_ddf``: moving grid -> fixed image: for affine / rigid the exact inverse matrix, for TPS the same
+    alignment fitted with the keypoint roles swapped (no second detection; a separate fit, as KeyMorph's forward
+    point map, so only approximately inverse); label maps warped nearest,
+    0 outside), and the first alignment's ``forward_ddf`` / ``pred`` at the top level.
+
+    Args:
+        alignments: names (``affine``, ``rigid``, ``tps_<lambda>``; random-lambda names draw per call).
+        inverse: also compute ``inverse_ddf`` (inverse outputs, ``dice_inverse``, inverse consistency).
+        moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
+    """
+
+    def __init__(
+        self,
+        alignments: Sequence[str] = ("affine",),
+        inverse: bool = True,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        if isinstance(alignments, str):
+            alignments = [alignments]
+        if not alignments or len(set(alignments)) != len(alignments):
+            raise ValueError(f"alignments must be a non-empty list of distinct names, got {alignments}")
+        for name in alignments:
+            parse_alignment(name)
+        self.alignments = list(alignments)
+        self.inverse = inverse
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("batchdata must not be None")
+        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
+        if moving is None or fixed is None:
+            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        model = getattr(engine.network, "module", engine.network)
+        if not hasattr(model, "register"):
+            raise ValueError(f"engine.network must be a KeyMorph (with register), got {type(model).__name__}")
+        model.eval()
+        reference_grid = bool(getattr(model, "reference_grid", False))
+        with torch.no_grad():
+            results = model.register(moving, fixed, self.alignments)
+        output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
+        output.update({self.keys[0]: moving, self.keys[1]: fixed})
+        if moving_label is not None and fixed_label is not None:
+            output.update({self.keys[2]: moving_label, self.keys[3]: fixed_label})
+        fixed_shape, moving_shape = fixed.shape[2:], moving.shape[2:]
+        per_alignment = {}
+        for name in self.alignments:
+            result = results[name]
+            ddf = result["ddf"]
+            out = {
+                "forward_ddf": ddf,
+                f"{self.keys[0]}_warped": warp(_plain(moving), ddf),
+                "points_fixed_voxel": keypoints_to_voxels(result["points_fixed"], fixed_shape),
+                "points_moving_voxel": keypoints_to_voxels(result["points_moving"], moving_shape, not reference_grid),
+                "points_aligned_voxel": keypoints_to_voxels(result["points_aligned"], fixed_shape),
+            }
+            if self.inverse and "matrix_voxel" in result:  # affine / rigid: the exact inverse map
+                out["inverse_ddf"] = affine_to_ddf(result["matrix_voxel"], moving_shape)
+            elif self.inverse:  # TPS has no closed-form inverse: refit with the roles swapped
+                swapped = fit_keypoint_transform(
+                    result["points_moving"], result["points_fixed"], name, result.get("weights"), result.get("lmbda")
+                )
+                out["inverse_ddf"] = swapped.ddf(moving_shape, fixed_shape, reference_grid, model.chunk_size)
+            if moving_label is not None and fixed_label is not None:
+                out[f"{self.keys[2]}_warped"] = warp(_plain(moving_label).to(ddf.dtype), ddf, **_LABEL_WARP)
+                if self.inverse:
+                    out[f"{self.keys[3]}_warped"] = warp(_plain(fixed_label).to(ddf.dtype), out["inverse_ddf"], **_LABEL_WARP)
+            if "inverse_matrix_voxel" in result:
+                out["inverse_matrix_voxel"] = result["inverse_matrix_voxel"]
+            per_alignment[name] = out
+        output["alignments"] = per_alignment
+        output["forward_ddf"] = output["pred"] = per_alignment[self.alignments[0]]["forward_ddf"]
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def _model_affine(image: torch.Tensor) -> torch.Tensor:
+    n = image.ndim - 1
+    return image.affine.to(torch.float64) if isinstance(image, MetaTensor) else torch.eye(n + 1, dtype=torch.float64)
+
+
+def _file_affine(image: torch.Tensor) -> torch.Tensor:
+    """The image file's voxel to RAS affine (``meta["original_affine"]``), else the model affine."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    if "original_affine" in meta:
+        return torch.as_tensor(np.asarray(meta["original_affine"]), dtype=torch.float64)
+    return _model_affine(image)
+
+
+def _write_keypoints(path: Path, voxels: torch.Tensor, model_affine: torch.Tensor, file_affine: torch.Tensor) -> None:
+    """``(K, n)`` model voxel keypoints -> CSV of world (RAS mm) and file voxel coordinates."""
+    points = voxels.detach().cpu().double().reshape(-1, voxels.shape[-1])
+    n = points.shape[1]
+    homogeneous = torch.cat([points, torch.ones(len(points), 1, dtype=torch.float64)], 1)
+    world = homogeneous @ model_affine.T
+    file_voxels = world @ invert_homogeneous(file_affine).T
+    stream = io.StringIO()
+    writer = csv.writer(stream)
+    writer.writerow(["index", *("x_ras", "y_ras", "z_ras")[:n], *("i", "j", "k")[:n]])
+    for k in range(len(points)):
+        writer.writerow([k, *(f"{v:.6f}" for v in world[k, :n].tolist()), *(f"{v:.6f}" for v in file_voxels[k, :n].tolist())])
+    with atomic_output(path) as tmp:
+        tmp.write_text(stream.getvalue())
+
+
+class KeyMorphWriter(RegistrationWriter):
+    """:class:`~monai_ext.io.outputs.RegistrationWriter` for :class:`KeyMorphInferenceIteration` outputs.
+
+    Writes the generic outputs once per alignment into ``<pair>/<alignment>/`` and the KeyMorph outputs of the
+    module docstring; a pair folder appears only when all its alignments are complete (the parent's staging).
+
+    Args:
+        output_dir: root folder.
+        outputs: generic names (:data:`monai_ext.io.outputs.OUTPUTS`) and KeyMorph names (:data:`KEYMORPH_OUTPUTS`:
+            ``transform_itk``, ``keypoints``, ``keypoints_qa``); default: everything except ``keypoints_qa``.
+        labels, hd95, keys: as in the parent.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        outputs: Sequence[str] = (*OUTPUTS, "transform_itk", "keypoints"),
+        labels: Sequence[int] | None = None,
+        hd95: bool = False,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        unknown = sorted(set(outputs) - set(OUTPUTS) - set(KEYMORPH_OUTPUTS))
+        if unknown:
+            raise ValueError(f"unknown outputs {unknown}; choose from {list(OUTPUTS) + list(KEYMORPH_OUTPUTS)}")
+        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]
+        super().__init__(output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key)
+        self.keymorph_outputs = [o for o in KEYMORPH_OUTPUTS if o in outputs]
+        self.generic_requested = any(o in OUTPUTS for o in outputs)
+
+    def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
+        moving_key, fixed_key, moving_label_key, _ = self.keys
+        alignments = item.get("alignments")
+        if not isinstance(alignments, Mapping) or not alignments:
+            raise ValueError("engine output must hold 'alignments' (use KeyMorphInferenceIteration)")
+        moving, fixed = item[moving_key], item[fixed_key]
+        affines = {side: (_model_affine(image), _file_affine(image)) for side, image in (("moving", moving), ("fixed", fixed))}
+        wanted = set(self.keymorph_outputs)
+        for alignment, result in alignments.items():
+            sub = {k: v for k, v in item.items() if k != "alignments"}
+            sub.update(result)
+            target = folder / alignment
+            if self.generic_requested:
+                super()._write(sub, target, f"{name} {alignment}")
+            metrics_path = target / "metrics.json"
+            if "metrics" in self.outputs:
+                payload = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+                mse = float(torch.mean((_plain(result[f"{moving_key}_warped"]) - _plain(fixed)) ** 2))
+                payload = {"alignment": alignment, **payload, "mse": mse}
+                with atomic_output(metrics_path) as tmp:
+                    tmp.write_text(json.dumps(payload, indent=2))
+            if "transform_itk" in wanted and "inverse_matrix_voxel" in result:
+                write_itk_affine(
+                    target / "transform_itk.tfm", result["inverse_matrix_voxel"], affines["fixed"][0], affines["moving"][0]
+                )
+            if "keypoints" in wanted:
+                _write_keypoints(target / "keypoints_aligned.csv", result["points_aligned_voxel"], *affines["fixed"])
+            if "keypoints_qa" in wanted:
+                points = {
+                    "moving": result["points_moving_voxel"],
+                    "fixed": result["points_fixed_voxel"],
+                    "aligned": result["points_aligned_voxel"],
+                }
+                qa_figure(
+                    _plain(fixed), _plain(moving), _plain(result[f"{moving_key}_warped"]), _plain(result["forward_ddf"])[None],
+                    target / "keypoints_qa.png", keypoints=points, title=f"{name} {alignment}",
+                )
+        if "keypoints" in wanted:
+            first = next(iter(alignments.values()))
+            _write_keypoints(folder / "keypoints_fixed.csv", first["points_fixed_voxel"], *affines["fixed"])
+            _write_keypoints(folder / "keypoints_moving.csv", first["points_moving_voxel"], *affines["moving"])
+
+
+def _pairwise_dice(labels: Sequence[torch.Tensor]) -> float:
+    """Mean Dice over all unordered pairs of integer label maps ``(1, *spatial)``, labels present in a pair
+    (background excluded), the group metric of BrainMorph (without its background / absent-label quirks)."""
+    scores = []
+    for a in range(len(labels)):
+        for b in range(a + 1, len(labels)):
+            x, y = labels[a].round().long(), labels[b].round().long()
+            values = [int(v) for v in torch.cat([x.unique(), y.unique()]).unique() if v != 0]
+            for v in values:
+                p, q = x == v, y == v
+                scores.append(float(2 * (p & q).sum() / (p.sum() + q.sum())))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def write_groupwise(
+    network: nn.Module,
+    images: Sequence[Mapping[str, Any]],
+    transform: Any,
+    output_dir: str | os.PathLike,
+    alignments: Sequence[str] = ("affine",),
+    num_iterations: int = 5,
+    image_key: str = "image",
+    label_key: str = "label",
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Groupwise KeyMorph registration of files; writes ``<output_dir>/groupwise/`` atomically (all or nothing).
+
+    Keypoints are detected one image at a time through a generator (only ``(N, K, 3)`` points are kept). The
+    common space is the template keypoint frame sampled on the model grid; its world affine is the first image's
+    model-space affine (all images must share the model shape, e.g. 256^3). Per alignment ``<alignment>/``:
+    ``<name>_warped.nii.gz`` (each image in the common space), ``<name>_warped_label.nii.gz`` (nearest),
+    ``<name>_keypoints.csv`` (original keypoints, world and file voxels), ``template_keypoints.csv`` (world),
+    ``<name>_transform_itk.tfm`` (affine / rigid: template world -> image world) and ``metrics.json``
+    (``dice``: mean pairwise Dice of the warped label maps; ``folding_fraction`` per image).
+
+    Args:
+        network: a :class:`~monai_ext.networks.keymorph.KeyMorph`.
+        images: dicts ``{image_key: path, [label_key: path], ["name": str]}`` (checked with :func:`check_input_images`).
+        transform: preprocessing of one dict (e.g. :func:`monai_ext.data.keymorph.keymorph_transforms`).
+        alignments: names as in :class:`KeyMorphInferenceIteration`.
+        num_iterations: groupwise iterations (reference 5).
+    """
+    import shutil
+    import tempfile
+
+    images = check_input_images(images=[{"image": i[image_key], **({"label": i[label_key]} if label_key in i else {}), "name": i.get("name")} for i in images])
+    names = [i["name"] or Path(i["image"]).name.split(".")[0] for i in images]
+    if len(set(names)) != len(names):
+        raise ValueError(f"image names must be distinct, got {names}")
+    model = getattr(network, "module", network).eval()
+
+    def load(index: int) -> dict[str, Any]:
+        item = {image_key: images[index]["image"]}
+        if "label" in images[index]:
+            item[label_key] = images[index]["label"]
+        return transform(item)
+
+    def stream() -> Iterable[torch.Tensor]:
+        for index in range(len(images)):
+            yield load(index)[image_key][None].to(device)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-groupwise-", dir=output_dir))
+    try:
+        first = load(0)[image_key]
+        common_affine = _model_affine(first)
+        shape = tuple(first.shape[1:])
+        for alignment in alignments:
+            group = model.groupwise_register(stream(), alignment, num_iterations)
+            target = staging / alignment
+            warped_labels, folding = [], {}
+            template_voxels = keypoints_to_voxels(group.template, shape)
+            _write_keypoints(target / "template_keypoints.csv", template_voxels, common_affine, common_affine)
+            for index, ddf in enumerate(group.ddfs()):
+                item = load(index)
+                image, name = item[image_key], names[index]
+                if tuple(image.shape[1:]) != shape:
+                    raise ValueError(f"all images must share the model shape {shape}, {name} has {tuple(image.shape[1:])}")
+                write_image(target / f"{name}_warped.nii.gz", warp(_plain(image)[None].to(ddf), ddf)[0], common_affine)
+                if label_key in item:
+                    label = warp(_plain(item[label_key])[None].to(ddf), ddf, **_LABEL_WARP)[0]
+                    warped_labels.append(label)
+                    write_image(target / f"{name}_warped_label.nii.gz", label.round().to(torch.int32), common_affine)
+                voxels = keypoints_to_voxels(group.points[index], shape, not model.reference_grid)
+                _write_keypoints(target / f"{name}_keypoints.csv", voxels, _model_affine(image), _file_affine(image))
+                transform_i = group.transform(index)
+                if transform_i.inverse_matrix is not None:
+                    _, inverse_voxel = transform_i.voxel_matrices(shape, shape, model.reference_grid)
+                    write_itk_affine(target / f"{name}_transform_itk.tfm", inverse_voxel[0], common_affine, _model_affine(image))
+                folding[name] = float(folding_fraction(ddf.double())[0])
+            metrics = {"alignment": alignment, "num_images": len(images), "folding_fraction": folding}
+            dice = _pairwise_dice(warped_labels) if warped_labels else math.nan
+            metrics["dice"] = dice if math.isfinite(dice) else None
+            with atomic_output(target / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2))
+        final = output_dir / "groupwise"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir / "groupwise"

@@ -1,0 +1,315 @@
+"""Per-pair registration outputs on the native grids, written by an ignite handler attached to an evaluator.
+
+For each pair of ``engine.state.output`` (as :class:`monai_ext.engines.registration.RegistrationEvalIteration`
+produces it, decollated or batched) :class:`RegistrationWriter` writes ``<output_dir>/<moving>__<fixed>/``:
+
+=====================  ===================================  ===================================================
+output name            file                                 content
+=====================  ===================================  ===================================================
+``warped_image``       ``warped_image.nii.gz``              native moving image resampled (linear) onto the
+                                                            native fixed grid, fixed affine
+``warped_label``       ``warped_label.nii.gz``              native moving label map, nearest, 0 outside, integer
+``forward_ddf``        ``forward_ddf.nii.gz``               ``(X, Y, Z, n)`` voxel DDF on the native fixed grid,
+                                                            native fixed voxel -> native moving voxel
+``inverse_ddf``        ``inverse_ddf.nii.gz``               the same on the native moving grid, moving -> fixed
+``forward_field_itk``  ``forward_field_itk.nii.gz``         ITK / ANTs displacement field (LPS mm, fixed points
+                                                            -> moving points): warps the moving image onto the
+                                                            fixed grid (``antsApplyTransforms -t``)
+``inverse_field_itk``  ``inverse_field_itk.nii.gz``         the same from the moving grid into the fixed image
+``jacobian``           ``jacobian.nii.gz``                  determinant of the world-space Jacobian of the
+                                                            forward map on the native fixed grid (>1: the moving
+                                                            region is larger; <=0: folding)
+``metrics``            ``metrics.json``                     :func:`~monai_ext.engines.registration.pair_metrics`
+                                                            (model space: Dice before / after, folding, SDlogJ,
+                                                            NDV, inverse consistency)
+``qa``                 ``qa.png``                           :func:`~monai_ext.io.qa.qa_figure` on the native grids
+=====================  ===================================  ===================================================
+
+Native grids: the model works on preprocessed images (reoriented, resampled, cropped). MONAI's ``LoadImage``
+keeps the file's affine and shape in ``meta["original_affine"]`` and ``meta["spatial_shape"]`` while the
+spatial transforms update ``MetaTensor.affine``; with both, :func:`monai_ext.io.native.ddf_model_to_native`
+turns the model DDF into a DDF between the native grids, and the native moving image and label map (read
+again from ``meta["filename_or_obj"]`` with :func:`monai_ext.io.native.load_image`, so intensity preprocessing
+does not leak into the outputs) are warped with it in one interpolation. Outputs without file metadata (plain
+tensors) are written in model space with the model affine (identity if there is none).
+
+A pair is written into a hidden temporary folder that is renamed onto its final name only when every file is
+complete: a failure leaves nothing of that pair (an earlier complete folder of the same pair is replaced only
+on success). Nothing specific to one network: any registration with forward (and optionally inverse) DDFs works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor, decollate_batch
+
+from monai_ext.engines.registration import pair_metrics
+from monai_ext.io.itk_fields import write_displacement_field, write_image
+from monai_ext.io.native import ddf_model_to_native, load_image
+from monai_ext.io.qa import qa_figure
+from monai_ext.io.writers import atomic_output
+from monai_ext.metrics.deformation import jacobian_determinant
+from monai_ext.spatial.sampling import warp
+
+__all__ = ["OUTPUTS", "RegistrationWriter", "check_pair_files", "pair_folder_name"]
+
+OUTPUTS = (
+    "warped_image",
+    "warped_label",
+    "forward_ddf",
+    "inverse_ddf",
+    "forward_field_itk",
+    "inverse_field_itk",
+    "jacobian",
+    "metrics",
+    "qa",
+)
+_FILES = {name: f"{name}.nii.gz" for name in OUTPUTS} | {"metrics": "metrics.json", "qa": "qa.png"}
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def check_pair_files(
+    pairs: Sequence[Mapping[str, Any]],
+    required: Sequence[str] = ("moving_image", "fixed_image"),
+    optional: Sequence[str] = ("moving_label", "fixed_label"),
+) -> list[dict[str, Any]]:
+    """Check user pair dicts before any work: required keys present and every named file existing.
+
+    Returns the pairs as a list of dicts; raises ``ValueError`` (bad entry) or ``FileNotFoundError`` naming
+    the pair index, the key and the path.
+    """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
+        raise ValueError(f"pairs must be a non-empty list of dicts, got {pairs!r}")
+    checked = []
+    for index, pair in enumerate(pairs):
+        if not isinstance(pair, Mapping):
+            raise ValueError(f"pairs[{index}] must be a dict with keys {list(required)}, got {pair!r}")
+        missing = [key for key in required if key not in pair]
+        if missing:
+            raise ValueError(f"pairs[{index}] lacks {missing}; it has {sorted(pair)}")
+        labels = [key for key in optional if key in pair]
+        if labels and len(labels) != len(optional):
+            raise ValueError(f"pairs[{index}] must give all of {list(optional)} or none, got {labels}")
+        for key in (*required, *labels):
+            if not Path(pair[key]).is_file():
+                raise FileNotFoundError(f"pairs[{index}][{key!r}]: file not found: {pair[key]}")
+        checked.append(dict(pair))
+    return checked
+
+
+def _stem(path: Any) -> str:
+    name = Path(str(path)).name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def pair_folder_name(
+    item: Mapping[str, Any], index: int = 0, moving_key: str = "moving_image", fixed_key: str = "fixed_image"
+) -> str:
+    """``<moving_name>__<fixed_name>``: names from ``moving_name`` / ``fixed_name`` or the images' file stems
+    (else ``moving<index>`` / ``fixed<index>``); characters other than letters, digits, ``._-`` become ``_``."""
+    names = []
+    for side, key in (("moving", moving_key), ("fixed", fixed_key)):
+        name = item.get(f"{side}_name")
+        if name is None and isinstance(item.get(key), MetaTensor):
+            filename = item[key].meta.get("filename_or_obj")
+            name = _stem(filename) if filename else None
+        names.append(_UNSAFE.sub("_", str(name)).strip("._") if name is not None else f"{side}{index}")
+    return "__".join(names)
+
+
+class _Grid:
+    """Model and native geometry of one image of a pair (``affine``: voxel to RAS, float64)."""
+
+    def __init__(self, image: torch.Tensor, label: torch.Tensor | None) -> None:
+        meta = image.meta if isinstance(image, MetaTensor) else {}
+        n = image.ndim - 1
+        self.model_affine = (
+            image.affine.to(torch.float64) if isinstance(image, MetaTensor) else torch.eye(n + 1, dtype=torch.float64)
+        )
+        self.model = image.as_tensor() if isinstance(image, MetaTensor) else image
+        self.label = label.as_tensor() if isinstance(label, MetaTensor) else label
+        filename = meta.get("filename_or_obj")
+        self.native = bool(filename) and "original_affine" in meta and "spatial_shape" in meta
+        if self.native:
+            self.file = str(filename)
+            self.affine = torch.as_tensor(np.asarray(meta["original_affine"]), dtype=torch.float64)
+            self.shape = tuple(int(s) for s in np.asarray(meta["spatial_shape"]).reshape(-1))
+            label_meta = label.meta if isinstance(label, MetaTensor) else {}
+            self.label_file = label_meta.get("filename_or_obj") or None
+        else:
+            self.affine, self.shape = self.model_affine, tuple(image.shape[1:])
+
+    def image(self) -> torch.Tensor:
+        """``(1, *shape)`` intensity image on this grid (the file when native)."""
+        return load_image(self.file, spatial_dims=len(self.shape)).as_tensor() if self.native else self.model
+
+    def label_map(self) -> torch.Tensor | None:
+        """``(1, *shape)`` integer label map on this grid, or ``None``."""
+        if self.native and self.label_file:
+            return load_image(self.label_file, spatial_dims=len(self.shape), label=True).as_tensor()
+        return None if self.native else self.label
+
+
+def _world_jacobian(ddf: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor) -> torch.Tensor:
+    """``(*spatial)`` Jacobian determinant of the world map of a voxel DDF ``(1, n, *spatial)`` between two grids.
+
+    Central differences give the voxel map's determinant on the interior; times ``det(A_m) / det(A_f)`` (the
+    affines' linear parts) it is the mm^3 / mm^3 volume change. The one-voxel border repeats its neighbours.
+    """
+    n = ddf.shape[1]
+    ratio = torch.linalg.det(moving_affine[:n, :n]) / torch.linalg.det(fixed_affine[:n, :n])
+    det = jacobian_determinant(ddf.double())[0, 0] * ratio
+    return torch.nn.functional.pad(det[None, None], (1, 1) * n, mode="replicate")[0, 0]
+
+
+def _write_ddf_nifti(path: Path, ddf: torch.Tensor, affine: torch.Tensor) -> None:
+    """A voxel DDF ``(1, n, *spatial)`` as a float32 NIfTI ``(*spatial, n)`` (components = array axes, voxels)."""
+    array = ddf[0].detach().cpu().movedim(0, -1).to(torch.float32).numpy()
+    with atomic_output(path) as tmp:
+        nib.save(nib.Nifti1Image(array, affine.numpy()), str(tmp))
+
+
+def _strict(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RegistrationWriter:
+    """Ignite handler writing the selected per-pair outputs (module docstring) after every evaluator iteration.
+
+    Args:
+        output_dir: root folder; created when the first pair is written.
+        outputs: names from :data:`OUTPUTS` (default: all). Outputs whose inputs are absent (labels,
+            ``inverse_ddf``) are skipped for that pair with a log message.
+        labels: label values for the metrics (default: those present), see
+            :func:`~monai_ext.engines.registration.pair_metrics`.
+        hd95: add HD95 (voxels) to ``metrics.json``.
+        moving_key, fixed_key, moving_label_key, fixed_label_key: keys of the engine output.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        outputs: Sequence[str] = OUTPUTS,
+        labels: Sequence[int] | None = None,
+        hd95: bool = False,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        unknown = sorted(set(outputs) - set(OUTPUTS))
+        if unknown or not outputs:
+            raise ValueError(f"outputs must be a non-empty subset of {list(OUTPUTS)}, got unknown {unknown}")
+        self.output_dir = Path(output_dir)
+        self.outputs = [name for name in OUTPUTS if name in outputs]
+        self.labels = labels
+        self.hd95 = hd95
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+        self.logger = logging.getLogger(__name__)
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = decollate_batch(output, detach=True) if isinstance(output, Mapping) else list(output)
+        for item in items:
+            self.write_pair(item, len(self.written))
+
+    def write_pair(self, item: Mapping[str, Any], index: int = 0) -> Path:
+        """Write one decollated pair; returns its folder."""
+        moving_key, fixed_key, moving_label_key, fixed_label_key = self.keys
+        if not isinstance(item.get("forward_ddf"), torch.Tensor) or fixed_key not in item or moving_key not in item:
+            raise ValueError(f"engine output must hold {moving_key!r}, {fixed_key!r} and 'forward_ddf', got {sorted(item)}")
+        folder = self.output_dir / pair_folder_name(item, index, moving_key, fixed_key)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=self.output_dir))
+        try:
+            self._write(item, staging, folder.name)
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=self.output_dir))
+                os.replace(folder, old / folder.name)
+                os.replace(staging, folder)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.written.append(folder)
+        self.logger.info(f"wrote {', '.join(self.outputs)} to {folder}")
+        return folder
+
+    def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
+        moving_key, fixed_key, moving_label_key, fixed_label_key = self.keys
+        fixed = _Grid(item[fixed_key], item.get(fixed_label_key))
+        moving = _Grid(item[moving_key], item.get(moving_label_key))
+        model_forward, model_inverse = item["forward_ddf"], item.get("inverse_ddf")
+        wanted = set(self.outputs)
+
+        def to_native(ddf: torch.Tensor, target: _Grid, source: _Grid) -> torch.Tensor:
+            """Model DDF on ``target``'s grid into ``source`` -> ``(1, n, *target.shape)`` native voxel DDF."""
+            ddf = (ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf)[None].to(torch.float32)
+            return ddf_model_to_native(
+                ddf, target.model_affine, source.model_affine, target.affine, target.shape, source.affine
+            )
+
+        forward = to_native(model_forward, fixed, moving)
+        path = {name: folder / _FILES[name] for name in OUTPUTS}
+        warped_image = None
+        if wanted & {"warped_image", "qa"}:
+            warped_image = warp(moving.image()[None].to(forward.dtype), forward)[0]
+        if "warped_image" in wanted:
+            write_image(path["warped_image"], warped_image, fixed.affine)
+        if "warped_label" in wanted:
+            label = moving.label_map()
+            if label is None:
+                self.logger.info(f"{name}: no moving label map, warped_label skipped")
+            else:
+                write_image(path["warped_label"], warp(label[None], forward, "nearest", "zeros")[0], fixed.affine)
+        if "forward_ddf" in wanted:
+            _write_ddf_nifti(path["forward_ddf"], forward, fixed.affine)
+        if "forward_field_itk" in wanted:
+            write_displacement_field(path["forward_field_itk"], forward, fixed.affine, moving.affine)
+        if wanted & {"inverse_ddf", "inverse_field_itk"}:
+            if model_inverse is None:
+                self.logger.info(f"{name}: no inverse_ddf in the engine output, inverse outputs skipped")
+            else:
+                inverse = to_native(model_inverse, moving, fixed)
+                if "inverse_ddf" in wanted:
+                    _write_ddf_nifti(path["inverse_ddf"], inverse, moving.affine)
+                if "inverse_field_itk" in wanted:
+                    write_displacement_field(path["inverse_field_itk"], inverse, moving.affine, fixed.affine)
+        jacobian = None
+        if wanted & {"jacobian", "qa"}:
+            jacobian = _world_jacobian(forward, fixed.affine, moving.affine)
+        if "jacobian" in wanted:
+            write_image(path["jacobian"], jacobian.to(torch.float32), fixed.affine)
+        if "metrics" in wanted:
+            row = pair_metrics(item, self.labels, self.hd95)
+            payload = {key: _strict(value) for key, value in row.items()}
+            with atomic_output(path["metrics"]) as tmp:
+                tmp.write_text(json.dumps(payload, indent=2))
+        if "qa" in wanted:
+            qa_figure(fixed.image(), moving.image(), warped_image, forward, path["qa"], jacobian=jacobian, title=name)

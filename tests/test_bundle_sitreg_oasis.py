@@ -1,0 +1,212 @@
+"""The ``bundles/sitreg_oasis`` bundle end to end through ``monai.bundle.ConfigWorkflow`` (in process), tiny sizes.
+
+Data: :func:`monai_ext.data.synthesis.write_synthetic_oasis` (neurite-oasis layout, 12^3 voxels, 4 subjects); the
+network is shrunk through config overrides (2 levels of 4 / 8 features), the OASIS crop switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from monai_ext.data.synthesis import make_synthetic_pair, write_synthetic_oasis
+from monai_ext.io.itk_fields import read_displacement_field
+from monai_ext.io.outputs import OUTPUTS
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "sitreg_oasis"
+CONFIGS = BUNDLE / "configs"
+TINY = {
+    "network_def#features": [4, 8],
+    "network_def#feature_convolutions": [1, 1],
+    "network_def#deformation_features": [4, 8],
+    "network_def#deformation_convolutions": [1, 1],
+    "crop": [[0, 0], [0, 0], [0, 0]],
+    "num_workers": 0,
+}
+DIVISIONS = {"train": [0, 2], "validate": [2, 4], "test": [2, 4]}
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    return write_synthetic_oasis(tmp_path_factory.mktemp("oasis"), num_subjects=4, shape=(12, 12, 12), num_labels=4)
+
+
+def _workflow(configs, workflow_type, bundle_root, **overrides) -> ConfigWorkflow:
+    files = [str(CONFIGS / c) for c in configs]
+    workflow = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(bundle_root),
+        **{**TINY, **overrides},
+    )
+    workflow.initialize()
+    return workflow
+
+
+def _train(bundle_root, dataset_dir, max_epochs, **overrides) -> tuple[ConfigWorkflow, dict]:
+    workflow = _workflow(
+        ["train.json"], "train", bundle_root, dataset_dir=str(dataset_dir), divisions=DIVISIONS,
+        max_epochs=max_epochs, pairs_per_epoch=2, **overrides,
+    )  # fmt: skip
+    assert workflow.check_properties() == []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen = {"epochs": [], "losses": []}
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: seen["epochs"].append(e.state.epoch))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen["losses"].append(float(e.state.output["loss"])))
+    workflow.run()
+    workflow.finalize()
+    return workflow, seen
+
+
+def _chain(err: BaseException) -> str:
+    """All messages of an exception and its causes (MONAI wraps config errors in RuntimeError)."""
+    messages = []
+    while err is not None:
+        messages.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(messages)
+
+
+def test_train_resume_and_evaluate(dataset_dir, tmp_path):
+    root = tmp_path / "bundle"
+    _, first = _train(root, dataset_dir, max_epochs=1)
+    epochs = root / "models" / "epochs"
+    assert first["epochs"] == [1] and (epochs / "checkpoint_epoch=1.pt").is_file()
+    assert (root / "models" / "model.pt").is_file()
+    # "interrupted" after epoch 1: the next run with max_epochs 2 resumes at epoch 2 and does not redo epoch 1
+    _, second = _train(root, dataset_dir, max_epochs=2)
+    assert second["epochs"] == [2] and len(second["losses"]) == 2
+    assert (epochs / "checkpoint_epoch=2.pt").is_file()
+    saved = torch.load(epochs / "checkpoint_epoch=2.pt", weights_only=True)
+    assert saved["trainer"]["epoch"] == 2 and saved["trainer"]["iteration"] == 4
+
+    workflow = _workflow(["train.json", "evaluate.json"], "train", root, dataset_dir=str(dataset_dir), divisions=DIVISIONS)
+    workflow.run()
+    summary = json.loads((root / "eval" / "test" / "summary.json").read_text())
+    assert summary["num_pairs"] == 1
+    assert 0 < summary["metrics"]["dice"]["mean"] <= 1
+    assert {"dice_before", "hd95", "folding_fraction", "sdlogj", "ic_mse"} <= set(summary["metrics"])
+    assert (root / "eval" / "test" / "per_pair.csv").is_file()
+
+
+def test_loss_decreases_on_one_repeated_pair(dataset_dir, tmp_path):
+    # train = 2 subjects: every sampled pair is the same pair in one order or the other, and SITReg's symmetric
+    # loss is the same for both orders; 8 Adam steps at lr 1e-3 from the seeded initialisation
+    _, seen = _train(tmp_path / "b", dataset_dir, max_epochs=1, pairs_per_epoch=8, learning_rate=1e-3, val_interval=10)
+    losses = seen["losses"]
+    assert len(losses) == 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def _nifti_pair(folder: Path) -> dict[str, str]:
+    """A synthetic pair as NIfTI files with rotated, anisotropic, different affines."""
+    pair = make_synthetic_pair((12, 12, 12), seed=5, num_labels=4, max_displacement=1.5)
+    affines = {
+        "moving": np.array([[0, -1.2, 0, 20], [0.9, 0, 0, -8], [0, 0, 1.5, 4], [0, 0, 0, 1]]),
+        "fixed": np.array([[0, -1.1, 0.1, 18], [1.0, 0, 0, -6], [0, 0, 1.4, 5], [0, 0, 0, 1]]),
+    }
+    files = {}
+    for side in ("moving", "fixed"):
+        for kind, dtype in (("image", np.float32), ("label", np.int16)):
+            path = folder / f"{side}_{kind}.nii.gz"
+            nib.save(nib.Nifti1Image(pair[f"{side}_{kind}"][0].numpy().astype(dtype), affines[side]), str(path))
+            files[f"{side}_{kind}"] = str(path)
+    return files
+
+
+def test_inference_writes_every_output_on_the_native_grid(dataset_dir, tmp_path):
+    root = tmp_path / "bundle"
+    _train(root, dataset_dir, max_epochs=1)
+    files = _nifti_pair(tmp_path)
+    workflow = _workflow(["inference.json"], "infer", root, dataset_dir=str(dataset_dir), pairs=[files], crop=None)
+    assert workflow.check_properties() == []
+    workflow.run()
+    folder = root / "inference" / "moving_image__fixed_image"
+    expected = {f"{n}.nii.gz" for n in OUTPUTS if n not in ("metrics", "qa")} | {"metrics.json", "qa.png"}
+    assert {p.name for p in folder.iterdir()} == expected
+    fixed_affine = nib.load(files["fixed_image"]).affine
+    moving_affine = nib.load(files["moving_image"]).affine
+    voxel_ddf = nib.load(str(folder / "forward_ddf.nii.gz"))
+    np.testing.assert_allclose(voxel_ddf.affine, fixed_affine, atol=1e-6)
+    # the ITK field read back with ITK: geometry = fixed grid in LPS, vectors = the voxel DDF mapped to LPS mm
+    field = itk.imread(str(folder / "forward_field_itk.nii.gz"))
+    np.testing.assert_allclose(np.asarray(field.GetSpacing()), np.linalg.norm(fixed_affine[:3, :3], axis=0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(field.GetOrigin()), fixed_affine[:3, 3] * [-1, -1, 1], atol=1e-5)
+    ddf = np.asarray(voxel_ddf.dataobj, dtype=np.float64)  # (X, Y, Z, 3) voxels
+    lps = (ddf @ moving_affine[:3, :3].T + np.einsum("ij,...j->...i", moving_affine[:3, :3] - fixed_affine[:3, :3],
+                                                   np.indices(ddf.shape[:3]).transpose(1, 2, 3, 0))
+           + (moving_affine[:3, 3] - fixed_affine[:3, 3])) * [-1, -1, 1]  # fmt: skip
+    np.testing.assert_allclose(itk.array_from_image(field).transpose(2, 1, 0, 3), lps, atol=1e-4)
+    back, _ = read_displacement_field(folder / "forward_field_itk.nii.gz", moving_affine=moving_affine)
+    np.testing.assert_allclose(back[0].permute(1, 2, 3, 0).numpy(), ddf, atol=1e-4)
+    label = nib.load(str(folder / "warped_label.nii.gz"))
+    assert np.issubdtype(label.get_data_dtype(), np.integer)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 < metrics["dice"] <= 1 and metrics["folding_fraction"] == 0.0
+
+    # instance optimisation from random weights, no checkpoint needed
+    workflow = _workflow(
+        ["inference.json"], "infer", tmp_path / "random", dataset_dir=str(dataset_dir), pairs=[files], crop=None,
+        load_pretrained=False, instance_optimization_steps=2, instance_optimization_lr=1e-3, outputs=["metrics"],
+    )  # fmt: skip
+    workflow.run()
+    assert [p.name for p in (tmp_path / "random" / "inference" / "moving_image__fixed_image").iterdir()] == [
+        "metrics.json"
+    ]
+    assert len(workflow.parser.get_parsed_content("iteration").losses) == 2
+
+
+def test_bad_inputs_fail_clearly_without_outputs(dataset_dir, tmp_path):
+    files = _nifti_pair(tmp_path)
+    root = tmp_path / "bundle"
+    common = {"dataset_dir": str(dataset_dir), "crop": None}
+    # a missing input file: named in the error, nothing written
+    missing = {**files, "fixed_image": str(tmp_path / "nope.nii.gz")}
+    workflow = _workflow(["inference.json"], "infer", root, pairs=[missing], load_pretrained=False, **common)
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert "file not found" in _chain(info.value) and "nope.nii.gz" in _chain(info.value)
+    assert not (root / "inference").exists()
+    # no checkpoint while load_pretrained is true
+    workflow = _workflow(["inference.json"], "infer", root, pairs=[files], **common)
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert "checkpoint not found" in _chain(info.value) and "model.pt" in _chain(info.value)
+    # a checkpoint of another architecture (the default, full-size SITReg vs the tiny configured one)
+    (root / "models").mkdir(parents=True)
+    other = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3))
+    torch.save({"model": other.state_dict()}, root / "models" / "model.pt")
+    workflow = _workflow(["inference.json"], "infer", root, pairs=[files], **common)
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert "does not fit SITReg" in _chain(info.value) and "model.pt" in _chain(info.value)
+    assert not (root / "inference").exists()
+
+
+def test_bundle_checks_pass():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from check_bundles import check_bundle
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    results = check_bundle(BUNDLE)
+    assert {k: v for k, v in results.items() if k != "bundle"} == {
+        "files": "ok",
+        "metadata": "ok",
+        "changelog": "ok",
+        "net_in_out": "ok",
+    }, results
+    assert (BUNDLE / "LICENSE").is_file() and (BUNDLE / "large_files.yml").is_file()
+    assert (BUNDLE / "docs" / "README.md").is_file()

@@ -1,0 +1,116 @@
+"""MLflow tracking (monai_ext.tracking) on a tiny sitreg_oasis training, read back through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from monai.bundle import ConfigWorkflow  # noqa: E402
+from monai.utils import path_to_sqlite_uri  # noqa: E402
+
+from monai_ext.data.synthesis import write_synthetic_oasis  # noqa: E402
+from monai_ext.tracking import TrackingHandler, config_params, settings, write_settings  # noqa: E402
+
+from http_server import closed_port_url  # noqa: E402
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sitreg_oasis"
+TINY = {
+    "device": "$torch.device('cpu')",
+    "crop": None,
+    "divisions": {"train": [0, 2], "validate": [2, 4]},
+    "max_epochs": 2,
+    "pairs_per_epoch": 2,
+    "num_workers": 0,
+    "resume": False,
+    "network_def#features": [4, 4],
+    "network_def#feature_convolutions": [1, 1],
+    "network_def#deformation_features": [4, 4],
+    "network_def#deformation_convolutions": [1, 1],
+}
+
+
+def _train(tmp_path: Path, tracking) -> Path:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    data = write_synthetic_oasis(tmp_path / "data", num_subjects=4, shape=(16, 16, 16), num_labels=3)
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type="train",
+        tracking=tracking,
+        bundle_root=str(bundle),
+        dataset_dir=str(data),
+        **TINY,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return bundle
+
+
+def test_tiny_training_is_tracked(tmp_path):
+    """Params (hyper-parameters + network), per-iteration loss, per-epoch validation metrics, artifacts."""
+    settings_file = write_settings(tmp_path / "tracking.json", experiment_name="tiny")  # the CLI route
+    bundle = _train(tmp_path, str(settings_file))
+    client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(str(bundle / "eval" / "mlruns.db")))
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment is not None and experiment.artifact_location.endswith("eval/mlruns")
+    (run,) = client.search_runs([experiment.experiment_id])  # trainer and validator share one run
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("run_")
+    params = run.data.params
+    assert params["max_epochs"] == "2" and params["pairs_per_epoch"] == "2"
+    assert params["learning_rate"] == "0.0001" and params["seed"] == "123456789"
+    assert params["network_def.features"] == "[4, 4]" and params["network_def.groups"] == "2"
+    # 2 epochs x 2 pairs: one loss per iteration, steps 1..4; one validation metric per epoch, steps 1..2
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    assert sorted(m.step for m in dice) == [1, 2] and all(0 <= m.value <= 1 for m in dice)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model.pt" in top and any(p.startswith("config_") and p.endswith(".json") for p in top)
+    validation = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert {"validation/per_pair.csv", "validation/summary.csv", "validation/summary.json"} <= validation
+    local = Path(client.download_artifacts(run.info.run_id, "validation/summary.json", str(tmp_path / "dl")))
+    assert json.loads(local.read_text()) == json.loads((bundle / "eval" / "validation" / "summary.json").read_text())
+
+
+def test_unreachable_server_keeps_training(tmp_path):
+    with pytest.warns(RuntimeWarning, match="switched off"):
+        bundle = _train(tmp_path, settings(tracking_uri=closed_port_url(""), connect_timeout=1.0))
+    assert (bundle / "models" / "model.pt").is_file()  # training and validation ran to the end
+    assert not (bundle / "eval" / "mlruns.db").exists()
+
+
+def test_config_params_literals_only(tmp_path):
+    config = {
+        "imports": ["$import torch"],
+        "lr": 0.1,
+        "epochs": "@max_epochs",
+        "max_epochs": 3,
+        "device": "$torch.device('cpu')",
+        "crop": [[0, 0], [1, 1]],
+        "network_def": {"_target_": "X", "features": [4, 8], "act": "@act", "norm": None},
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": "@lr"},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert config_params(path) == {
+        "lr": "0.1",
+        "epochs": "3",
+        "max_epochs": "3",
+        "crop": "[[0, 0], [1, 1]]",
+        "network_def.features": "[4, 8]",
+        "network_def.norm": "None",
+    }
+    assert config_params(None) == {}
+
+
+def test_file_uri_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="file store"):
+        TrackingHandler(tracking_uri=(tmp_path / "mlruns").as_uri())

@@ -1,0 +1,252 @@
+"""RegistrationWriter: per-pair outputs on the native grids, through a real SupervisedEvaluator.
+
+Set-up (derivable by hand): fixed and moving NIfTI files with different, rotated, anisotropic affines and
+shapes are cropped (``SpatialCropd``, different crops) to one model grid. A known world map, the translation
+``p -> p + t`` (RAS mm) from fixed points to moving points, gives the model DDFs exactly
+(``M_m^-1 T M_f``, an affine voxel map). The expected native outputs follow from the file affines alone:
+forward voxel DDF ``N_m^-1 T N_f x - x``, inverse ``N_f^-1 T^-1 N_m z - z``, ITK field ``t`` in LPS
+(``(-t_x, -t_y, t_z)``) everywhere, Jacobian 1 (a translation keeps volumes). Model DDFs are affine, so their
+multilinear interpolation is exact inside the model grid; outside it (the cropped-away native voxels) the
+writer extrapolates with the border value, so exact comparisons are made on the cropped region.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose, EnsureTyped, LoadImaged, SpatialCropd
+
+from monai_ext.engines.registration import RegistrationEvalIteration
+from monai_ext.io.itk_fields import read_displacement_field
+from monai_ext.metrics.deformation import inverse_consistency_error
+from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, check_pair_files, pair_folder_name
+from monai_ext.spatial.sampling import affine_to_ddf
+
+FIXED_AFFINE = np.array([[0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]], dtype=np.float64)
+MOVING_AFFINE = np.array([[0, -1.25, 0, 8], [1.0, 0, 0, -4], [0, 0, 1.75, 1], [0, 0, 0, 1]], dtype=np.float64)
+FIXED_SHAPE, MOVING_SHAPE = (14, 12, 10), (16, 12, 12)
+FIXED_CROP = [slice(1, 13), slice(2, 12), slice(0, 8)]  # -> (12, 10, 8)
+MOVING_CROP = [slice(2, 14), slice(1, 11), slice(2, 10)]  # -> (12, 10, 8)
+SHIFT = np.array([1.0, -0.5, 0.8])  # t, RAS mm, fixed point -> moving point
+LABELS = (1, 2, 3)
+
+
+def _translation(t: np.ndarray) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = t
+    return matrix
+
+
+def _linear_image(shape, slope=(0.5, -0.25, 0.75), offset=10.0) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
+    return (np.tensordot(np.asarray(slope), grid, axes=1) + offset).astype(np.float32)
+
+
+def _labels(shape) -> np.ndarray:
+    index = np.indices(shape)
+    return (1 + (index[0] * 3 // shape[0]) % 3 * (index[1] > 1)).astype(np.int16) * (index[2] > 0)
+
+
+class _KnownNetwork(torch.nn.Module):
+    """forward_and_inverse returning fixed DDFs (a stand-in for a trained network)."""
+
+    def __init__(self, forward_ddf: torch.Tensor, inverse_ddf: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("forward_ddf", forward_ddf)
+        self.register_buffer("inverse_ddf", inverse_ddf)
+
+    def forward_and_inverse(self, moving, fixed):
+        return self.forward_ddf.clone(), self.inverse_ddf.clone()
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    files = {}
+    for side, affine, shape in (("fixed", FIXED_AFFINE, FIXED_SHAPE), ("moving", MOVING_AFFINE, MOVING_SHAPE)):
+        files[f"{side}_image"] = tmp_path / f"{side}_img.nii.gz"
+        files[f"{side}_label"] = tmp_path / f"{side}_seg.nii.gz"
+        nib.save(nib.Nifti1Image(_linear_image(shape), affine), str(files[f"{side}_image"]))
+        nib.save(nib.Nifti1Image(_labels(shape), affine), str(files[f"{side}_label"]))
+    # the affines as stored (NIfTI keeps float32), which is what the outputs must reproduce
+    native = {side: nib.load(str(files[f"{side}_image"])).affine for side in ("fixed", "moving")}
+    model = {}
+    for side, crop in (("fixed", FIXED_CROP), ("moving", MOVING_CROP)):
+        model[side] = native[side].copy()
+        model[side][:3, 3] += native[side][:3, :3] @ np.array([c.start for c in crop])
+    to_moving = np.linalg.inv(model["moving"]) @ _translation(SHIFT) @ model["fixed"]
+    shape = tuple(c.stop - c.start for c in FIXED_CROP)
+    forward = affine_to_ddf(torch.from_numpy(to_moving)[None], shape).float()
+    inverse = affine_to_ddf(torch.from_numpy(np.linalg.inv(to_moving))[None], shape).float()
+    return {"files": {k: str(v) for k, v in files.items()}, "native": native, "network": _KnownNetwork(forward, inverse)}
+
+
+def _transform() -> Compose:
+    keys = ["moving_image", "fixed_image", "moving_label", "fixed_label"]
+    return Compose(
+        [
+            LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+            SpatialCropd(keys=["fixed_image", "fixed_label"], roi_slices=FIXED_CROP),
+            SpatialCropd(keys=["moving_image", "moving_label"], roi_slices=MOVING_CROP),
+            EnsureTyped(keys=["moving_image", "fixed_image"], dtype=torch.float32),
+            EnsureTyped(keys=["moving_label", "fixed_label"], dtype=torch.int64),
+        ]
+    )
+
+
+def _run(pair, output_dir, outputs=OUTPUTS, decollate=True, data=None):
+    data = data or [{**pair["files"], "moving_name": "mov", "fixed_name": "fix"}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(data, _transform()), batch_size=1),
+        network=pair["network"],
+        iteration_update=RegistrationEvalIteration(),
+        decollate=decollate,
+    )
+    writer = RegistrationWriter(output_dir, outputs=outputs)
+    writer.attach(evaluator)
+    evaluator.run()
+    return writer
+
+
+def _native_voxels(shape):
+    return np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), axis=-1)
+
+
+def _in_crop(crop):
+    return tuple(slice(c.start, c.stop) for c in crop)
+
+
+def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
+    writer = _run(pair, tmp_path / "out")
+    folder = tmp_path / "out" / "mov__fix"
+    assert writer.written == [folder]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{n}.nii.gz" for n in OUTPUTS if n not in ("metrics", "qa")] + ["metrics.json", "qa.png"]
+    )
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no staging leftovers
+    fixed_native, moving_native = pair["native"]["fixed"], pair["native"]["moving"]
+    voxel_map = np.linalg.inv(moving_native) @ _translation(SHIFT) @ fixed_native
+    x = _native_voxels(FIXED_SHAPE)
+    expected = x @ voxel_map[:3, :3].T + voxel_map[:3, 3] - x  # (*fixed_shape, 3)
+    inside = _in_crop(FIXED_CROP)
+
+    ddf_file = nib.load(str(folder / "forward_ddf.nii.gz"))
+    assert ddf_file.shape == (*FIXED_SHAPE, 3)
+    np.testing.assert_allclose(ddf_file.affine, fixed_native, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ddf_file.dataobj)[inside], expected[inside], atol=1e-4)
+
+    # ITK field: read back with ITK, LPS vector = (-t_x, -t_y, t_z) at every voxel of the cropped region
+    field = itk.imread(str(folder / "forward_field_itk.nii.gz"))
+    vectors = itk.array_from_image(field).transpose(2, 1, 0, 3)  # ITK (z, y, x, c) -> our axis order
+    np.testing.assert_allclose(vectors[inside], np.broadcast_to(SHIFT * [-1, -1, 1], vectors[inside].shape), atol=1e-4)
+    ddf, affine = read_displacement_field(folder / "forward_field_itk.nii.gz", moving_affine=moving_native)
+    np.testing.assert_allclose(affine.numpy(), fixed_native, atol=1e-5)
+    np.testing.assert_allclose(ddf[0].permute(1, 2, 3, 0).numpy()[inside], expected[inside], atol=1e-4)
+
+    # inverse: on the native moving grid, moving voxel -> fixed voxel
+    inverse_map = np.linalg.inv(voxel_map)
+    z = _native_voxels(MOVING_SHAPE)
+    expected_inverse = z @ inverse_map[:3, :3].T + inverse_map[:3, 3] - z
+    inverse_file = nib.load(str(folder / "inverse_ddf.nii.gz"))
+    assert inverse_file.shape == (*MOVING_SHAPE, 3)
+    np.testing.assert_allclose(inverse_file.affine, moving_native, atol=1e-6)
+    moving_inside = _in_crop(MOVING_CROP)
+    np.testing.assert_allclose(np.asarray(inverse_file.dataobj)[moving_inside], expected_inverse[moving_inside], atol=1e-4)
+    inverse_field = itk.array_from_image(itk.imread(str(folder / "inverse_field_itk.nii.gz"))).transpose(2, 1, 0, 3)
+    np.testing.assert_allclose(
+        inverse_field[moving_inside], np.broadcast_to(-SHIFT * [-1, -1, 1], inverse_field[moving_inside].shape), atol=1e-4
+    )
+
+    # warped native moving image: linear intensity a.z + b is reproduced exactly where x + u(x) is inside the moving grid
+    warped = nib.load(str(folder / "warped_image.nii.gz"))
+    assert warped.shape == FIXED_SHAPE
+    np.testing.assert_allclose(warped.affine, fixed_native, atol=1e-6)
+    mapped = x + expected
+    valid = np.zeros(FIXED_SHAPE, dtype=bool)
+    valid[inside] = np.all((mapped >= 0) & (mapped <= np.array(MOVING_SHAPE) - 1), axis=-1)[inside]
+    truth = mapped @ np.array([0.5, -0.25, 0.75]) + 10.0
+    assert valid.sum() > 100
+    np.testing.assert_allclose(np.asarray(warped.dataobj)[valid], truth[valid], atol=1e-3)
+
+    label = nib.load(str(folder / "warped_label.nii.gz"))
+    assert np.issubdtype(label.get_data_dtype(), np.integer) and label.shape == FIXED_SHAPE
+    moving_labels = _labels(MOVING_SHAPE)
+    clear = valid & np.all(np.abs(mapped - np.floor(mapped) - 0.5) > 1e-3, axis=-1)  # no nearest-neighbour ties
+    assert clear.sum() > 100
+    nearest = np.rint(mapped[clear]).astype(int)
+    np.testing.assert_array_equal(np.asarray(label.dataobj)[clear], moving_labels[tuple(nearest.T)])
+
+    jacobian = nib.load(str(folder / "jacobian.nii.gz"))
+    assert jacobian.shape == FIXED_SHAPE
+    interior = tuple(slice(c.start + 1, c.stop - 1) for c in FIXED_CROP)  # central differences within the crop
+    np.testing.assert_allclose(np.asarray(jacobian.dataobj)[interior], 1.0, atol=1e-4)
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["moving_name"] == "mov" and metrics["fixed_name"] == "fix"
+    assert {"dice_before", "dice", "dice_inverse", "folding_fraction", "sdlogj", "ndv", "ic_mse", "ic_max"} <= set(metrics)
+    assert metrics["folding_fraction"] == 0.0 and 0 <= metrics["dice"] <= 1
+    network = pair["network"]
+    consistency = inverse_consistency_error(network.forward_ddf.double(), network.inverse_ddf.double())
+    assert metrics["ic_mse"] == pytest.approx(float(consistency["mse"][0]), rel=1e-9)
+    # Dice before registration, by hand on the cropped (model-space) label maps
+    moving_model, fixed_model = _labels(MOVING_SHAPE)[_in_crop(MOVING_CROP)], _labels(FIXED_SHAPE)[_in_crop(FIXED_CROP)]
+    dice = [2 * np.sum((moving_model == v) & (fixed_model == v)) / (np.sum(moving_model == v) + np.sum(fixed_model == v))
+            for v in LABELS]  # fmt: skip
+    assert metrics["dice_before"] == pytest.approx(np.mean(dice), abs=1e-6)
+    assert (folder / "qa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batched_output_writes_the_same_files_and_a_subset_of_outputs(pair, tmp_path):
+    _run(pair, tmp_path / "a", outputs=["forward_ddf", "metrics"], decollate=False)
+    _run(pair, tmp_path / "b", outputs=["forward_ddf", "metrics"], decollate=True)
+    for root in ("a", "b"):
+        assert sorted(p.name for p in (tmp_path / root / "mov__fix").iterdir()) == ["forward_ddf.nii.gz", "metrics.json"]
+    a = np.asarray(nib.load(str(tmp_path / "a" / "mov__fix" / "forward_ddf.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "b" / "mov__fix" / "forward_ddf.nii.gz")).dataobj)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_names_default_to_file_stems(pair, tmp_path):
+    _run(pair, tmp_path / "out", outputs=["metrics"], data=[pair["files"]])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["moving_img__fixed_img"]
+    assert pair_folder_name({"moving_name": "a/b c", "fixed_name": "x"}) == "a_b_c__x"
+
+
+def test_a_failing_pair_leaves_nothing_and_keeps_an_earlier_complete_folder(pair, tmp_path, monkeypatch):
+    import monai_ext.io.outputs as outputs
+
+    _run(pair, tmp_path / "out", outputs=["forward_ddf", "qa"])
+    folder = tmp_path / "out" / "mov__fix"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(outputs, "qa_figure", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _run(pair, tmp_path / "out", outputs=["forward_ddf", "qa"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mov__fix"]  # no staging folder left
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(RuntimeError, match="disk full"):
+        _run(pair, tmp_path / "new", outputs=["forward_ddf", "qa"])
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_bad_arguments_and_pair_files(pair, tmp_path):
+    with pytest.raises(ValueError, match="outputs"):
+        RegistrationWriter(tmp_path, outputs=["warped"])
+    with pytest.raises(FileNotFoundError, match=r"pairs\[0\]\['fixed_image'\].*missing.nii.gz"):
+        check_pair_files([{**pair["files"], "fixed_image": str(tmp_path / "missing.nii.gz")}])
+    with pytest.raises(ValueError, match="lacks"):
+        check_pair_files([{"moving_image": pair["files"]["moving_image"]}])
+    with pytest.raises(ValueError, match="all of"):
+        check_pair_files([{k: v for k, v in pair["files"].items() if k != "fixed_label"}])
+    assert check_pair_files([pair["files"]]) == [pair["files"]]
