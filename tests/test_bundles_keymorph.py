@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_path
 from monai.bundle import run
 
 from monai_ext.io.itk_fields import read_itk_affine
@@ -209,9 +210,10 @@ def _check_pair_outputs(pair: Path, alignments: list[str], moving_file: Path, fi
             np.testing.assert_allclose(aligned[:, :3], points["fixed"][:, :3], atol=2e-2)
 
 
-def test_ixi_half_inference_pairwise_fixture_checkpoint(pair_folders, tmp_path, fixture_path):
+def test_ixi_half_inference_pairwise_fixture_checkpoint(pair_folders, tmp_path):
     tiny = _tiny("keymorph_ixi_half", tmp_path)
     out = tmp_path / "out"
+    tiny["output_dir"] = str(out)
     _run(
         "keymorph_ixi_half",
         ["inference.json"],
@@ -224,7 +226,6 @@ def test_ixi_half_inference_pairwise_fixture_checkpoint(pair_folders, tmp_path, 
         fixed_label=str(pair_folders / "fixed_seg"),
         alignments=["affine", "rigid", "tps_0"],
         qa_png=True,
-        output_dir=str(out),
     )
     assert sorted(p.name for p in out.iterdir()) == ["s1__s1", "s2__s2"]
     for name in ("s1", "s2"):
@@ -234,11 +235,11 @@ def test_ixi_half_inference_pairwise_fixture_checkpoint(pair_folders, tmp_path, 
         )
 
 
-def test_foundation_inference_groupwise_and_pairwise(pair_folders, tmp_path, fixture_path):
+def test_foundation_inference_groupwise_and_pairwise(pair_folders, tmp_path):
     tiny = _tiny("keymorph_foundation", tmp_path)
     checkpoint = str(fixture_path("keymorph", "truncatedunet_backbone_ckpt.pth.tar"))
     out = tmp_path / "out"
-    common = dict(tiny, num_keypoints=16, checkpoint=checkpoint, output_dir=str(out), weighted=False)
+    common = {**tiny, "num_keypoints": 16, "checkpoint": checkpoint, "output_dir": str(out), "weighted": False}
     _run(
         "keymorph_foundation", ["inference.json"], **common, groupwise=True,
         moving=str(pair_folders / "fixed"), moving_label=str(pair_folders / "fixed_seg"), alignments=["rigid", "tps_0"],
@@ -265,7 +266,7 @@ def test_foundation_inference_groupwise_and_pairwise(pair_folders, tmp_path, fix
 
 
 @pytest.mark.parametrize("bad", ["2d", "empty"])
-def test_inference_bad_input_clear_error_no_outputs(pair_folders, tmp_path, fixture_path, bad):
+def test_inference_bad_input_clear_error_no_outputs(pair_folders, tmp_path, bad):
     fixed = pair_folders / "fixed" / "s1.nii.gz"
     if bad == "2d":
         moving = _save(tmp_path / "bad.nii.gz", np.random.default_rng(0).random((32, 32)).astype(np.float32), np.eye(4))
@@ -274,10 +275,10 @@ def test_inference_bad_input_clear_error_no_outputs(pair_folders, tmp_path, fixt
         moving = _save(tmp_path / "bad.nii.gz", np.zeros(SHAPE, np.float32), np.eye(4))
         match = "empty"
     out = tmp_path / "out"
+    tiny = {**_tiny("keymorph_ixi_half", tmp_path), "output_dir": str(out)}
     with pytest.raises(Exception, match=match):
         _run(
-            "keymorph_ixi_half", ["inference.json"], **_tiny("keymorph_ixi_half", tmp_path), num_keypoints=16,
-            checkpoint=str(fixture_path("keymorph", "conv_backbone_ckpt.pth.tar")),
-            moving=str(moving), fixed=str(fixed), output_dir=str(out),
+            "keymorph_ixi_half", ["inference.json"], **tiny, num_keypoints=16,
+            checkpoint=str(fixture_path("keymorph", "conv_backbone_ckpt.pth.tar")), moving=str(moving), fixed=str(fixed),
         )
     assert not out.exists() or not any(out.iterdir())
