@@ -237,6 +237,9 @@ def run_bundle(
         **{"bundle_root": str(bundle_dir), **override},
     )
     parser: ConfigParser = workflow.parser
+    for key, value in override.items():  # create_workflow drops None values (e.g. --crop None); set them here
+        if value is None:
+            parser[key] = None
     if "pairs" in parser:
         check_pair_images(parser.get_parsed_content("pairs"), int(parser.get("network_def#spatial_dims", 3)))
     if "load_pretrained" in parser and parser.get_parsed_content("load_pretrained") and "ckpt_path" in parser:

@@ -27,7 +27,11 @@ def _batch() -> dict:
 
 def _evaluate(network, iteration, batch) -> tuple[SupervisedEvaluator, dict]:
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=[batch], network=network, iteration_update=iteration, decollate=False
+        device=torch.device("cpu"),
+        val_data_loader=[batch],
+        network=network,
+        iteration_update=iteration,
+        decollate=False,
     )
     evaluator.run()
     return evaluator, evaluator.state.output

@@ -1,28 +1,29 @@
 """RegistrationWriter: per-pair outputs on the native grids, through a real SupervisedEvaluator.
 
-Set-up (derivable by hand): fixed and moving NIfTI files with different, rotated, anisotropic affines and
-shapes are cropped (``SpatialCropd``, different crops) to one model grid. A known world map, the translation
+Set-up (derivable by hand): fixed and moving NIfTI files with different, rotated (axes swapped and flipped),
+anisotropic affines and shapes are reoriented to RAS (``Orientationd``) and cropped (``SpatialCropd``, different
+crops) to one model grid; MONAI keeps the file's affine and shape in ``meta["original_affine"]`` /
+``meta["spatial_shape"]``. A known world map, the translation
 ``p -> p + t`` (RAS mm) from fixed points to moving points, gives the model DDFs exactly
 (``M_m^-1 T M_f``, an affine voxel map). The expected native outputs follow from the file affines alone:
 forward voxel DDF ``N_m^-1 T N_f x - x``, inverse ``N_f^-1 T^-1 N_m z - z``, ITK field ``t`` in LPS
 (``(-t_x, -t_y, t_z)``) everywhere, Jacobian 1 (a translation keeps volumes). Model DDFs are affine, so their
 multilinear interpolation is exact inside the model grid; outside it (the cropped-away native voxels) the
-writer extrapolates with the border value, so exact comparisons are made on the cropped region.
+writer extrapolates with the border value, so exact comparisons are made on the native voxels the model grid covers.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import itk
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
-from monai.transforms import Compose, EnsureTyped, LoadImaged, SpatialCropd
+from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, SpatialCropd
 
 from monai_ext.engines.registration import RegistrationEvalIteration
 from monai_ext.io.itk_fields import read_displacement_field
@@ -33,8 +34,9 @@ from monai_ext.spatial.sampling import affine_to_ddf
 FIXED_AFFINE = np.array([[0, -1.5, 0, 10], [1.2, 0, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]], dtype=np.float64)
 MOVING_AFFINE = np.array([[0, -1.25, 0, 8], [1.0, 0, 0, -4], [0, 0, 1.75, 1], [0, 0, 0, 1]], dtype=np.float64)
 FIXED_SHAPE, MOVING_SHAPE = (14, 12, 10), (16, 12, 12)
-FIXED_CROP = [slice(1, 13), slice(2, 12), slice(0, 8)]  # -> (12, 10, 8)
-MOVING_CROP = [slice(2, 14), slice(1, 11), slice(2, 10)]  # -> (12, 10, 8)
+# crops of the RAS-reoriented volumes: fixed (12, 14, 10) and moving (12, 16, 12) -> (12, 10, 8)
+FIXED_CROP = [slice(0, 12), slice(2, 12), slice(1, 9)]
+MOVING_CROP = [slice(0, 12), slice(3, 13), slice(2, 10)]
 SHIFT = np.array([1.0, -0.5, 0.8])  # t, RAS mm, fixed point -> moving point
 LABELS = (1, 2, 3)
 
@@ -77,15 +79,20 @@ def pair(tmp_path):
         nib.save(nib.Nifti1Image(_labels(shape), affine), str(files[f"{side}_label"]))
     # the affines as stored (NIfTI keeps float32), which is what the outputs must reproduce
     native = {side: nib.load(str(files[f"{side}_image"])).affine for side in ("fixed", "moving")}
-    model = {}
-    for side, crop in (("fixed", FIXED_CROP), ("moving", MOVING_CROP)):
-        model[side] = native[side].copy()
-        model[side][:3, 3] += native[side][:3, :3] @ np.array([c.start for c in crop])
+    preprocessed = _transform()({k: str(v) for k, v in files.items()})
+    model = {side: preprocessed[f"{side}_image"].affine.numpy() for side in ("fixed", "moving")}
     to_moving = np.linalg.inv(model["moving"]) @ _translation(SHIFT) @ model["fixed"]
-    shape = tuple(c.stop - c.start for c in FIXED_CROP)
+    shape = tuple(preprocessed["fixed_image"].shape[1:])
+    assert shape == tuple(preprocessed["moving_image"].shape[1:]) == (12, 10, 8)
     forward = affine_to_ddf(torch.from_numpy(to_moving)[None], shape).float()
     inverse = affine_to_ddf(torch.from_numpy(np.linalg.inv(to_moving))[None], shape).float()
-    return {"files": {k: str(v) for k, v in files.items()}, "native": native, "network": _KnownNetwork(forward, inverse)}
+    return {
+        "files": {k: str(v) for k, v in files.items()},
+        "native": native,
+        "model": model,
+        "model_labels": {side: preprocessed[f"{side}_label"][0].numpy() for side in ("fixed", "moving")},
+        "network": _KnownNetwork(forward, inverse),
+    }
 
 
 def _transform() -> Compose:
@@ -93,6 +100,7 @@ def _transform() -> Compose:
     return Compose(
         [
             LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+            Orientationd(keys=keys, axcodes="RAS", labels=None),
             SpatialCropd(keys=["fixed_image", "fixed_label"], roi_slices=FIXED_CROP),
             SpatialCropd(keys=["moving_image", "moving_label"], roi_slices=MOVING_CROP),
             EnsureTyped(keys=["moving_image", "fixed_image"], dtype=torch.float32),
@@ -120,8 +128,11 @@ def _native_voxels(shape):
     return np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), axis=-1)
 
 
-def _in_crop(crop):
-    return tuple(slice(c.start, c.stop) for c in crop)
+def _covered(native_affine, model_affine, native_shape, margin=0):
+    """Native voxels whose model-grid position lies inside the model grid (by ``margin`` voxels)."""
+    to_model = np.linalg.inv(model_affine) @ native_affine
+    y = _native_voxels(native_shape) @ to_model[:3, :3].T + to_model[:3, 3]
+    return np.all((y >= margin - 1e-6) & (y <= np.array([12, 10, 8]) - 1 - margin + 1e-6), axis=-1)
 
 
 def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
@@ -136,7 +147,8 @@ def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
     voxel_map = np.linalg.inv(moving_native) @ _translation(SHIFT) @ fixed_native
     x = _native_voxels(FIXED_SHAPE)
     expected = x @ voxel_map[:3, :3].T + voxel_map[:3, 3] - x  # (*fixed_shape, 3)
-    inside = _in_crop(FIXED_CROP)
+    inside = _covered(fixed_native, pair["model"]["fixed"], FIXED_SHAPE)
+    assert 0 < inside.sum() < np.prod(FIXED_SHAPE)
 
     ddf_file = nib.load(str(folder / "forward_ddf.nii.gz"))
     assert ddf_file.shape == (*FIXED_SHAPE, 3)
@@ -158,11 +170,15 @@ def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
     inverse_file = nib.load(str(folder / "inverse_ddf.nii.gz"))
     assert inverse_file.shape == (*MOVING_SHAPE, 3)
     np.testing.assert_allclose(inverse_file.affine, moving_native, atol=1e-6)
-    moving_inside = _in_crop(MOVING_CROP)
-    np.testing.assert_allclose(np.asarray(inverse_file.dataobj)[moving_inside], expected_inverse[moving_inside], atol=1e-4)
+    moving_inside = _covered(moving_native, pair["model"]["moving"], MOVING_SHAPE)
+    np.testing.assert_allclose(
+        np.asarray(inverse_file.dataobj)[moving_inside], expected_inverse[moving_inside], atol=1e-4
+    )
     inverse_field = itk.array_from_image(itk.imread(str(folder / "inverse_field_itk.nii.gz"))).transpose(2, 1, 0, 3)
     np.testing.assert_allclose(
-        inverse_field[moving_inside], np.broadcast_to(-SHIFT * [-1, -1, 1], inverse_field[moving_inside].shape), atol=1e-4
+        inverse_field[moving_inside],
+        np.broadcast_to(-SHIFT * [-1, -1, 1], inverse_field[moving_inside].shape),
+        atol=1e-4,
     )
 
     # warped native moving image: linear intensity a.z + b is reproduced exactly where x + u(x) is inside the moving grid
@@ -170,8 +186,7 @@ def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
     assert warped.shape == FIXED_SHAPE
     np.testing.assert_allclose(warped.affine, fixed_native, atol=1e-6)
     mapped = x + expected
-    valid = np.zeros(FIXED_SHAPE, dtype=bool)
-    valid[inside] = np.all((mapped >= 0) & (mapped <= np.array(MOVING_SHAPE) - 1), axis=-1)[inside]
+    valid = inside & np.all((mapped >= 0) & (mapped <= np.array(MOVING_SHAPE) - 1), axis=-1)
     truth = mapped @ np.array([0.5, -0.25, 0.75]) + 10.0
     assert valid.sum() > 100
     np.testing.assert_allclose(np.asarray(warped.dataobj)[valid], truth[valid], atol=1e-3)
@@ -186,18 +201,20 @@ def test_outputs_on_native_grids_match_the_known_transformation(pair, tmp_path):
 
     jacobian = nib.load(str(folder / "jacobian.nii.gz"))
     assert jacobian.shape == FIXED_SHAPE
-    interior = tuple(slice(c.start + 1, c.stop - 1) for c in FIXED_CROP)  # central differences within the crop
+    interior = _covered(fixed_native, pair["model"]["fixed"], FIXED_SHAPE, margin=1)  # central differences inside
     np.testing.assert_allclose(np.asarray(jacobian.dataobj)[interior], 1.0, atol=1e-4)
 
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["moving_name"] == "mov" and metrics["fixed_name"] == "fix"
-    assert {"dice_before", "dice", "dice_inverse", "folding_fraction", "sdlogj", "ndv", "ic_mse", "ic_max"} <= set(metrics)
+    assert {"dice_before", "dice", "dice_inverse", "folding_fraction", "sdlogj", "ndv", "ic_mse", "ic_max"} <= set(
+        metrics
+    )
     assert metrics["folding_fraction"] == 0.0 and 0 <= metrics["dice"] <= 1
     network = pair["network"]
     consistency = inverse_consistency_error(network.forward_ddf.double(), network.inverse_ddf.double())
     assert metrics["ic_mse"] == pytest.approx(float(consistency["mse"][0]), rel=1e-9)
     # Dice before registration, by hand on the cropped (model-space) label maps
-    moving_model, fixed_model = _labels(MOVING_SHAPE)[_in_crop(MOVING_CROP)], _labels(FIXED_SHAPE)[_in_crop(FIXED_CROP)]
+    moving_model, fixed_model = pair["model_labels"]["moving"], pair["model_labels"]["fixed"]
     dice = [2 * np.sum((moving_model == v) & (fixed_model == v)) / (np.sum(moving_model == v) + np.sum(fixed_model == v))
             for v in LABELS]  # fmt: skip
     assert metrics["dice_before"] == pytest.approx(np.mean(dice), abs=1e-6)
@@ -208,7 +225,10 @@ def test_batched_output_writes_the_same_files_and_a_subset_of_outputs(pair, tmp_
     _run(pair, tmp_path / "a", outputs=["forward_ddf", "metrics"], decollate=False)
     _run(pair, tmp_path / "b", outputs=["forward_ddf", "metrics"], decollate=True)
     for root in ("a", "b"):
-        assert sorted(p.name for p in (tmp_path / root / "mov__fix").iterdir()) == ["forward_ddf.nii.gz", "metrics.json"]
+        assert sorted(p.name for p in (tmp_path / root / "mov__fix").iterdir()) == [
+            "forward_ddf.nii.gz",
+            "metrics.json",
+        ]
     a = np.asarray(nib.load(str(tmp_path / "a" / "mov__fix" / "forward_ddf.nii.gz")).dataobj)
     b = np.asarray(nib.load(str(tmp_path / "b" / "mov__fix" / "forward_ddf.nii.gz")).dataobj)
     np.testing.assert_array_equal(a, b)
@@ -218,6 +238,41 @@ def test_names_default_to_file_stems(pair, tmp_path):
     _run(pair, tmp_path / "out", outputs=["metrics"], data=[pair["files"]])
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["moving_img__fixed_img"]
     assert pair_folder_name({"moving_name": "a/b c", "fixed_name": "x"}) == "a_b_c__x"
+    same = {k: MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": f"/d/{s}/img.nii.gz"}) for k, s in
+            (("moving_image", "s1"), ("fixed_image", "s2"))}  # fmt: skip
+    assert pair_folder_name(same) == "s1_img__s2_img"  # equal stems: prefixed with the parent folder
+    assert pair_folder_name({}, 3) == "moving3__fixed3"
+
+
+def _plain_item(pair) -> dict:
+    """One decollated pair of plain tensors (no file metadata)."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "moving_image": torch.rand(1, 12, 10, 8, generator=generator),
+        "fixed_image": torch.rand(1, 12, 10, 8, generator=generator),
+        "forward_ddf": pair["network"].forward_ddf[0],
+        "inverse_ddf": pair["network"].inverse_ddf[0],
+    }
+
+
+def test_plain_tensors_are_written_in_model_space_with_an_identity_affine(pair, tmp_path):
+    writer = RegistrationWriter(tmp_path, outputs=["warped_image", "warped_label", "forward_ddf", "jacobian"])
+    folder = writer.write_pair(_plain_item(pair))
+    assert folder.name == "moving0__fixed0"
+    assert sorted(p.name for p in folder.iterdir()) == ["forward_ddf.nii.gz", "jacobian.nii.gz", "warped_image.nii.gz"]
+    ddf = nib.load(str(folder / "forward_ddf.nii.gz"))
+    np.testing.assert_allclose(ddf.affine, np.eye(4))
+    np.testing.assert_allclose(np.asarray(ddf.dataobj), pair["network"].forward_ddf[0].permute(1, 2, 3, 0), atol=1e-5)
+
+
+def test_the_same_names_twice_in_one_run_keep_both(pair, tmp_path):
+    data = [{**pair["files"], "moving_name": "mov", "fixed_name": "fix"}] * 2
+    writer = _run(pair, tmp_path / "out", outputs=["metrics"], data=data)
+    assert [p.name for p in writer.written] == ["mov__fix", "mov__fix_1"]
+    writer.reset()  # a new run (Events.STARTED) replaces its own earlier folders instead of adding more
+    writer.write_pair({**_plain_item(pair), "moving_name": "mov", "fixed_name": "fix"})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mov__fix", "mov__fix_1"]
+    assert oct((tmp_path / "out" / "mov__fix").stat().st_mode & 0o777) == oct(0o755)
 
 
 def test_a_failing_pair_leaves_nothing_and_keeps_an_earlier_complete_folder(pair, tmp_path, monkeypatch):

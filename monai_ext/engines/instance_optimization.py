@@ -69,7 +69,9 @@ class SymmetricPairLoss:
     ) -> dict[str, torch.Tensor]:
         """``moving``, ``fixed`` ``(B, C, *spatial)``; masks ``(B, 1, *spatial)`` or ``None``."""
         forward_ddf, inverse_ddf = forward_and_inverse(network, moving, fixed)
-        terms = self.loss_function(moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask)
+        terms = self.loss_function(
+            moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask
+        )
         return dict(terms) if isinstance(terms, Mapping) else {"loss": terms}
 
 

@@ -123,15 +123,20 @@ def _stem(path: Any) -> str:
 def pair_folder_name(
     item: Mapping[str, Any], index: int = 0, moving_key: str = "moving_image", fixed_key: str = "fixed_image"
 ) -> str:
-    """``<moving_name>__<fixed_name>``: names from ``moving_name`` / ``fixed_name`` or the images' file stems
-    (else ``moving<index>`` / ``fixed<index>``); characters other than letters, digits, ``._-`` become ``_``."""
-    names = []
-    for side, key in (("moving", moving_key), ("fixed", fixed_key)):
-        name = item.get(f"{side}_name")
-        if name is None and isinstance(item.get(key), MetaTensor):
-            filename = item[key].meta.get("filename_or_obj")
-            name = _stem(filename) if filename else None
-        names.append(_UNSAFE.sub("_", str(name)).strip("._") if name is not None else f"{side}{index}")
+    """``<moving_name>__<fixed_name>`` from ``moving_name`` / ``fixed_name``, else from the images' file names.
+
+    File names give their stems (``a.nii.gz`` -> ``a``), prefixed with the parent folder's name when both stems are
+    equal (``OAS1_0001/aligned_norm.nii.gz`` -> ``OAS1_0001_aligned_norm``); without either ``moving<index>`` /
+    ``fixed<index>``. Characters other than letters, digits and ``._-`` become ``_``.
+    """
+    names: list[str | None] = [item.get("moving_name"), item.get("fixed_name")]
+    images = [item.get(moving_key), item.get(fixed_key)]
+    files = [image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None for image in images]
+    stems = [_stem(f) if f else None for f in files]
+    for i, (side, file, stem) in enumerate(zip(("moving", "fixed"), files, stems)):
+        if names[i] is None and stem is not None:
+            names[i] = f"{Path(str(file)).parent.name}_{stem}" if stems[0] == stems[1] else stem
+        names[i] = _UNSAFE.sub("_", str(names[i])).strip("._") if names[i] is not None else f"{side}{index}"
     return "__".join(names)
 
 
@@ -226,10 +231,15 @@ class RegistrationWriter:
         self.hd95 = hd95
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
         self.logger = logging.getLogger(__name__)
-        self.written: list[Path] = []
+        self.written: list[Path] = []  # folders written in the current run
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget the pairs written (at every run start, so a rerun replaces its own earlier folders)."""
+        self.written = []
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -241,12 +251,18 @@ class RegistrationWriter:
         """Write one decollated pair; returns its folder."""
         moving_key, fixed_key, moving_label_key, fixed_label_key = self.keys
         if not isinstance(item.get("forward_ddf"), torch.Tensor) or fixed_key not in item or moving_key not in item:
-            raise ValueError(f"engine output must hold {moving_key!r}, {fixed_key!r} and 'forward_ddf', got {sorted(item)}")
+            raise ValueError(
+                f"engine output must hold {moving_key!r}, {fixed_key!r} and 'forward_ddf', got {sorted(item)}"
+            )
         folder = self.output_dir / pair_folder_name(item, index, moving_key, fixed_key)
+        if folder in self.written:  # the same names twice in one run: keep both
+            folder = folder.with_name(f"{folder.name}_{index}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=self.output_dir))
         try:
+            staging.chmod(0o755)  # mkdtemp makes it private (0o700); the result is an ordinary folder
             self._write(item, staging, folder.name)
+            files = sorted(p.name for p in staging.iterdir())
             if folder.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=self.output_dir))
                 os.replace(folder, old / folder.name)
@@ -258,7 +274,7 @@ class RegistrationWriter:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.written.append(folder)
-        self.logger.info(f"wrote {', '.join(self.outputs)} to {folder}")
+        self.logger.info(f"wrote {', '.join(files)} to {folder}")
         return folder
 
     def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
@@ -276,7 +292,7 @@ class RegistrationWriter:
             )
 
         forward = to_native(model_forward, fixed, moving)
-        path = {name: folder / _FILES[name] for name in OUTPUTS}
+        path = {key: folder / _FILES[key] for key in OUTPUTS}
         warped_image = None
         if wanted & {"warped_image", "qa"}:
             warped_image = warp(moving.image()[None].to(forward.dtype), forward)[0]

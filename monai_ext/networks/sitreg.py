@@ -81,9 +81,12 @@ def _conv_block(
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last memory order on the CPU (same values): oneDNN convolutions, GroupNorm and
-    pooling then work in place of layout, without reordered copies of their inputs and outputs (faster,
-    and far less peak memory at full resolution). Convolution outputs keep the order."""
+    """``x`` in channels-last memory order on the CPU (same values).
+
+    oneDNN convolutions, GroupNorm and pooling work in that order directly, without reordered copies of
+    their inputs and outputs (faster, and far less peak memory at full resolution); their outputs keep it.
+    A single-channel tensor has no distinct channels-last order, hence conversions after a first layer.
+    """
     if x.device.type != "cpu":
         return x
     return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
@@ -160,7 +163,7 @@ class SITRegEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skip = self.initial_projection(_channels_last(x))
+        skip = _channels_last(self.initial_projection(x))
         out = self.initial_block(skip)
         levels = [out]
         for block in self.down_blocks:
@@ -170,7 +173,7 @@ class SITRegEncoder(nn.Module):
 
     def finest(self, x: torch.Tensor) -> torch.Tensor:
         """Level-0 features alone, ``(B, features[0], *spatial)``: the same as ``forward(x)[0]``."""
-        return self.initial_block(self.initial_projection(_channels_last(x)))
+        return self.initial_block(_channels_last(self.initial_projection(x)))
 
 
 # elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)

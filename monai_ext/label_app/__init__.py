@@ -1,0 +1,1 @@
+"""MONAI Label atlas-based label propagation with a registration bundle (see ``atlas.py``)."""
