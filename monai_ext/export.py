@@ -36,7 +36,14 @@ from torch import nn
 from monai_ext.spatial.inversion import AndersonSolver, DDFInversion
 from monai_ext.spatial.sampling import sample, voxel_grid
 
-__all__ = ["ExportMismatchError", "compare_outputs", "trace_network", "export_onnx", "TraceableDDFInversion", "traceable_inversions"]
+__all__ = [
+    "ExportMismatchError",
+    "compare_outputs",
+    "trace_network",
+    "export_onnx",
+    "TraceableDDFInversion",
+    "traceable_inversions",
+]
 
 
 class ExportMismatchError(RuntimeError):
@@ -63,7 +70,8 @@ def compare_outputs(
         if a.shape != e.shape or not torch.allclose(a, e, rtol=rtol, atol=atol):
             error = (a - e).abs().max().item() if a.shape == e.shape else f"shape {tuple(a.shape)} vs {tuple(e.shape)}"
             raise ExportMismatchError(
-                f"{name} output {index} differs from the eager network (max abs error {error}, rtol={rtol}, atol={atol})"
+                f"{name} output {index} differs from the eager network "
+                f"(max abs error {error}, rtol={rtol}, atol={atol})"
             )
 
 
@@ -143,7 +151,8 @@ def export_onnx(
         for index, inputs in enumerate((example, *check_inputs)):
             _check_example(inputs, f"check_inputs[{index - 1}]" if index else "example")
             outputs = session.run(None, {input_name: inputs.cpu().numpy()})
-            compare_outputs(network(inputs), [torch.from_numpy(o) for o in outputs], rtol, atol, f"ONNX model (input {index})")
+            actual = [torch.from_numpy(o) for o in outputs]
+            compare_outputs(network(inputs), actual, rtol, atol, f"ONNX model (input {index})")
     return filepath
 
 

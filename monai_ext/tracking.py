@@ -73,7 +73,9 @@ def _literal(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
-def config_params(config_file: str | os.PathLike | None, components: Sequence[str] = ("network_def",)) -> dict[str, str]:
+def config_params(
+    config_file: str | os.PathLike | None, components: Sequence[str] = ("network_def",)
+) -> dict[str, str]:
     """Hyper-parameters of an executed bundle config (the JSON MONAI writes for ``save_execute_config``).
 
     Returns ``{key: str(value)}`` for every top-level item that is a literal (numbers, strings, lists,
@@ -288,7 +290,8 @@ def settings(
     if tracking_uri is not None:
         configs["tracking_uri"] = tracking_uri
     configs["tracking_params"] = {"_target_": "monai_ext.tracking.config_params", "config_file": "@save_execute_config"}
-    for engine, artifacts in (("trainer", train_artifacts), ("validator", eval_artifacts), ("evaluator", eval_artifacts)):
+    engines = (("trainer", train_artifacts), ("validator", eval_artifacts), ("evaluator", eval_artifacts))
+    for engine, artifacts in engines:
         configs[engine].update(
             _target_="monai_ext.tracking.TrackingHandler",
             artifacts=list(artifacts),
@@ -309,13 +312,16 @@ def write_settings(path: str | os.PathLike, **kwargs: Any) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the MLflow tracking settings JSON for `monai.bundle run --tracking`.")
+    parser = argparse.ArgumentParser(description="Write the tracking settings JSON for `monai.bundle run --tracking`.")
     parser.add_argument("path", help="settings file to write, e.g. eval/tracking.json")
     parser.add_argument("--experiment_name", default="monai_registration")
     parser.add_argument("--run_name", default=None, help="default: a unique name per workflow")
     parser.add_argument("--tracking_uri", default=None, help="default: SQLite at <output_dir>/mlruns.db")
     args = parser.parse_args(argv)
-    print(write_settings(args.path, experiment_name=args.experiment_name, run_name=args.run_name, tracking_uri=args.tracking_uri))
+    path = write_settings(
+        args.path, experiment_name=args.experiment_name, run_name=args.run_name, tracking_uri=args.tracking_uri
+    )
+    print(path)
     return 0
 
 

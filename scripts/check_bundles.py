@@ -85,8 +85,10 @@ def check_bundle(
         if not found:
             raise FileNotFoundError("no large_files.yml naming the weights (models/model.pt) with url and hash")
         entries = ConfigParser.load_config_file(str(found[0])).get("large_files")
-        if not isinstance(entries, list) or not entries:
+        if not isinstance(entries, list):
             raise ValueError(f"{found[0].name} has no 'large_files' list")
+        if not entries:
+            raise ValueError(f"{found[0].name} lists no files: no published weights (models/model.pt) to download")
         for entry in entries:
             missing = [k for k in ("path", "url", "hash_val", "hash_type") if not entry.get(k)]
             if missing:

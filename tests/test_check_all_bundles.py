@@ -25,3 +25,34 @@ def test_bundle_passes_all_checks(bundle):
     result = check_bundles.check_bundle(bundle)
     failed = {check: result[check] for check in check_bundles.CHECKS if result[check] != "ok"}
     assert not failed, f"{bundle.name}: {failed}"
+
+
+def _large_files_result(tmp_path: Path, text: str | None) -> str:
+    bundle = tmp_path / "toy"
+    bundle.mkdir()
+    if text is not None:
+        (bundle / "large_files.yml").write_text(text)
+    return check_bundles.check_bundle(bundle)["large_files"]
+
+
+ENTRY = (
+    'large_files:\n  - path: "{path}"\n    url: "https://example.org/model.pt"\n'
+    '    hash_val: "{hash}"\n    hash_type: "{kind}"\n'
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (ENTRY.format(path="models/model.pt", hash="ab" * 32, kind="sha256"), "ok"),
+        (None, "no large_files.yml"),
+        ("large_files: []\n", "lists no files"),
+        (ENTRY.format(path="models/model.pt", hash="", kind="sha256"), "lacks hash_val"),
+        (ENTRY.format(path="models/model.pt", hash="ab", kind="crc32"), "hash_type must be one of"),
+        (ENTRY.format(path="../model.pt", hash="ab", kind="md5"), "leaves the bundle"),
+        (ENTRY.format(path="models/other.pt", hash="ab", kind="md5"), "does not list models/model.pt"),
+    ],
+)
+def test_large_files_check(tmp_path, text, expected):
+    result = _large_files_result(tmp_path, text)
+    assert result == "ok" if expected == "ok" else expected in result, result

@@ -59,7 +59,7 @@ def test_demo_config_resolves_the_demo_pair(tmp_path):
 
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):
-    row = demo(str(tmp_path), shape=(24, 24, 24), steps=2)
+    row = demo(str(tmp_path), shape=(16, 16, 16), steps=2)
     stdout = capsys.readouterr().out
     assert "no trained weights" in stdout and "2 Adam steps" in stdout and "instance optimisation" in stdout
     folder = Path(row["output"])

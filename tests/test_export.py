@@ -34,7 +34,7 @@ def _sitreg() -> SITReg:
 
 def test_keypoint_detector_trace_saved_and_reloaded(tmp_path):
     detector = _detector()
-    x1, x2 = torch.rand(1, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    x1 = torch.rand(1, 1, 32, 32)
     path = tmp_path / "detector.ts"
     trace_network(detector, x1, [torch.rand(1, 1, 32, 32)], filepath=path)
     loaded = torch.jit.load(str(path))

@@ -167,7 +167,8 @@ def test_pair_dataset_epochs_and_consistency(tmp_path):
     assert len(chosen) == 5  # a permutation: no repeats within an epoch of <= P items
     for item in epoch0:
         assert item["consistency_modality_1"] != item["consistency_modality_2"]
-        assert Path(item["consistency_image_1"]).name.split("-T")[0] == Path(item["consistency_image_2"]).name.split("-T")[0]
+        first, second = (Path(item[f"consistency_image_{i}"]).name.split("-T")[0] for i in (1, 2))
+        assert first == second  # the same subject
     dataset.set_epoch(1)
     assert [dataset[i] for i in range(5)] != epoch0
     with pytest.raises(IndexError):

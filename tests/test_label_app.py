@@ -6,6 +6,8 @@ with the sitreg_oasis network_def."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -71,3 +73,57 @@ def test_bad_inputs():
     transform = AtlasPropagationd(ConstantShift(0), image, label)
     with pytest.raises(ValueError, match="atlas image's shape"):
         transform({"image": image[:, :-1]})
+
+
+def _write_nifti(array, path):
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
+    return path
+
+
+TINY_SITREG = {
+    "network_def#features": [4, 4],
+    "network_def#feature_convolutions": [1, 1],
+    "network_def#deformation_features": [4, 4],
+    "network_def#deformation_convolutions": [1, 1],
+}
+
+
+def test_bundle_pipeline_without_server(tmp_path):
+    """What the infer task runs, minus MONAI Label: preprocessing of a request image of another grid, the
+    sitreg_oasis network_def with saved weights, propagation, labels on the bundle grid."""
+    import numpy as np
+    from monai.transforms import Compose
+
+    from monai_ext.label_app.atlas import atlas_preprocessing, bundle_network, load_atlas
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "sitreg_oasis"
+    network = bundle_network(bundle, weights=None, **TINY_SITREG)
+    weights = tmp_path / "bundle" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"model": network.state_dict()}, weights)
+    (tmp_path / "bundle" / "configs").mkdir()
+    (tmp_path / "bundle" / "configs" / "inference.json").write_text((bundle / "configs" / "inference.json").read_text())
+    loaded = bundle_network(tmp_path / "bundle", **TINY_SITREG)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+    image, label = _atlas((20, 20, 20))
+    atlas_image, atlas_label = load_atlas(
+        _write_nifti(image[0].numpy() * 300.0, tmp_path / "atlas.nii.gz"),
+        _write_nifti(label[0].numpy().astype(np.int16), tmp_path / "atlas_seg.nii.gz"),
+        (16, 16, 16),
+    )
+    assert atlas_image.shape == atlas_label.shape == (1, 16, 16, 16)
+    assert 0.0 <= atlas_image.min() and atlas_image.max() <= 1.0
+    assert set(atlas_label.unique().tolist()) <= set(label.unique().tolist())
+    request = _write_nifti(torch.roll(image, 2, dims=2)[0].numpy() * 50.0, tmp_path / "request.nii.gz")
+    data = Compose(atlas_preprocessing((16, 16, 16)))({"image": str(request)})
+    assert data["image"].shape == (1, 16, 16, 16)
+    assert 0.0 <= float(data["image"].min()) and float(data["image"].max()) <= 1.0
+    pred = AtlasPropagationd(loaded, atlas_image, atlas_label)(data)["pred"]
+    assert pred.shape == (1, 16, 16, 16) and pred.dtype == torch.int64
+    assert set(pred.unique().tolist()) <= set(atlas_label.unique().tolist())
+

@@ -22,7 +22,7 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sitreg_oasis"
 TINY = {
     "device": "$torch.device('cpu')",
     "crop": None,
-    "divisions": {"train": [0, 2], "validate": [2, 4]},
+    "divisions": {"train": [0, 2], "validate": [2, 4], "test": [2, 4]},
     "max_epochs": 2,
     "pairs_per_epoch": 2,
     "num_workers": 0,
@@ -34,12 +34,16 @@ TINY = {
 }
 
 
-def _train(tmp_path: Path, tracking) -> Path:
+def _train(tmp_path: Path, tracking, evaluate: bool = False) -> Path:
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE / "configs", bundle / "configs")
-    data = write_synthetic_oasis(tmp_path / "data", num_subjects=4, shape=(16, 16, 16), num_labels=3)
+    if not bundle.exists():
+        shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    data = tmp_path / "data"
+    if not data.exists():
+        write_synthetic_oasis(data, num_subjects=4, shape=(16, 16, 16), num_labels=3)
+    configs = ["train.json", "evaluate.json"] if evaluate else ["train.json"]
     workflow = ConfigWorkflow(
-        config_file=str(bundle / "configs" / "train.json"),
+        config_file=[str(bundle / "configs" / c) for c in configs],
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(bundle / "configs" / "logging.conf"),
         workflow_type="train",
@@ -78,6 +82,15 @@ def test_tiny_training_is_tracked(tmp_path):
     assert {"validation/per_pair.csv", "validation/summary.csv", "validation/summary.json"} <= validation
     local = Path(client.download_artifacts(run.info.run_id, "validation/summary.json", str(tmp_path / "dl")))
     assert json.loads(local.read_text()) == json.loads((bundle / "eval" / "validation" / "summary.json").read_text())
+
+    # an evaluation (train.json + evaluate.json: validate#evaluator alone) opens, fills and finishes its own run
+    _train(tmp_path, str(settings_file), evaluate=True)
+    runs = client.search_runs([experiment.experiment_id])
+    (evaluation,) = [r for r in runs if r.info.run_id != run.info.run_id]
+    assert evaluation.info.status == "FINISHED" and evaluation.data.params["eval_division"] == "test"
+    assert [m.step for m in client.get_metric_history(evaluation.info.run_id, "val_mean_dice")] == [1]
+    test_files = {a.path for a in client.list_artifacts(evaluation.info.run_id, "test")}
+    assert {"test/per_pair.csv", "test/summary.csv", "test/summary.json"} <= test_files
 
 
 def test_unreachable_server_keeps_training(tmp_path):

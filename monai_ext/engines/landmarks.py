@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,8 @@ class LandmarkTRE(Metric):
                 "per_pair": [{k: strict(v) for k, v in row.items()} for row in self.rows],
             }
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            partial = self.output_dir / ".tre.json.part"
-            partial.write_text(json.dumps(payload, indent=2))
+            # a unique temporary name: several processes (DDP ranks) may write the same file
+            fd, partial = tempfile.mkstemp(dir=self.output_dir, prefix=".tre.json.", suffix=".tmp")
+            with os.fdopen(fd, "w") as stream:
+                json.dump(payload, stream, indent=2)
             os.replace(partial, self.output_dir / "tre.json")

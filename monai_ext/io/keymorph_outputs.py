@@ -31,6 +31,8 @@ import io
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,15 @@ def load_keymorph_weights(
     return network
 
 
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def _model_affine(image: torch.Tensor) -> torch.Tensor:
+    n = image.ndim - 1
+    return image.affine.to(torch.float64) if isinstance(image, MetaTensor) else torch.eye(n + 1, dtype=torch.float64)
+
+
 class KeyMorphInferenceIteration:
     """``iteration_update`` for ``SupervisedEvaluator``: every alignment of a pair from one keypoint detection.
 
@@ -209,7 +220,8 @@ class KeyMorphInferenceIteration:
             if moving_label is not None and fixed_label is not None:
                 out[f"{self.keys[2]}_warped"] = warp(_plain(moving_label).to(ddf.dtype), ddf, **_LABEL_WARP)
                 if self.inverse:
-                    out[f"{self.keys[3]}_warped"] = warp(_plain(fixed_label).to(ddf.dtype), out["inverse_ddf"], **_LABEL_WARP)
+                    fixed_ids = _plain(fixed_label).to(ddf.dtype)
+                    out[f"{self.keys[3]}_warped"] = warp(fixed_ids, out["inverse_ddf"], **_LABEL_WARP)
             if "inverse_matrix_voxel" in result:
                 out["inverse_matrix_voxel"] = result["inverse_matrix_voxel"]
             per_alignment[name] = out
@@ -219,15 +231,6 @@ class KeyMorphInferenceIteration:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
-
-
-def _model_affine(image: torch.Tensor) -> torch.Tensor:
-    n = image.ndim - 1
-    return image.affine.to(torch.float64) if isinstance(image, MetaTensor) else torch.eye(n + 1, dtype=torch.float64)
 
 
 def _file_affine(image: torch.Tensor) -> torch.Tensor:
@@ -249,7 +252,8 @@ def _write_keypoints(path: Path, voxels: torch.Tensor, model_affine: torch.Tenso
     writer = csv.writer(stream)
     writer.writerow(["index", *("x_ras", "y_ras", "z_ras")[:n], *("i", "j", "k")[:n]])
     for k in range(len(points)):
-        writer.writerow([k, *(f"{v:.6f}" for v in world[k, :n].tolist()), *(f"{v:.6f}" for v in file_voxels[k, :n].tolist())])
+        values = world[k, :n].tolist() + file_voxels[k, :n].tolist()
+        writer.writerow([k, *(f"{v:.6f}" for v in values)])
     with atomic_output(path) as tmp:
         tmp.write_text(stream.getvalue())
 
@@ -264,6 +268,7 @@ class KeyMorphWriter(RegistrationWriter):
         output_dir: root folder.
         outputs: generic names (:data:`monai_ext.io.outputs.OUTPUTS`) and KeyMorph names (:data:`KEYMORPH_OUTPUTS`:
             ``transform_itk``, ``keypoints``, ``keypoints_qa``); default: everything except ``keypoints_qa``.
+            ``metrics`` is added when no generic output is selected.
         labels, hd95, keys: as in the parent.
     """
 
@@ -282,36 +287,32 @@ class KeyMorphWriter(RegistrationWriter):
         unknown = sorted(set(outputs) - set(OUTPUTS) - set(KEYMORPH_OUTPUTS))
         if unknown:
             raise ValueError(f"unknown outputs {unknown}; choose from {list(OUTPUTS) + list(KEYMORPH_OUTPUTS)}")
-        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]
+        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]  # the parent needs at least one output
         super().__init__(output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key)
         self.keymorph_outputs = [o for o in KEYMORPH_OUTPUTS if o in outputs]
-        self.generic_requested = any(o in OUTPUTS for o in outputs)
 
     def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
-        moving_key, fixed_key, moving_label_key, _ = self.keys
+        moving_key, fixed_key = self.keys[:2]
         alignments = item.get("alignments")
         if not isinstance(alignments, Mapping) or not alignments:
             raise ValueError("engine output must hold 'alignments' (use KeyMorphInferenceIteration)")
         moving, fixed = item[moving_key], item[fixed_key]
-        affines = {side: (_model_affine(image), _file_affine(image)) for side, image in (("moving", moving), ("fixed", fixed))}
+        affines = {side: (_model_affine(x), _file_affine(x)) for side, x in (("moving", moving), ("fixed", fixed))}
         wanted = set(self.keymorph_outputs)
         for alignment, result in alignments.items():
             sub = {k: v for k, v in item.items() if k != "alignments"}
             sub.update(result)
             target = folder / alignment
-            if self.generic_requested:
-                super()._write(sub, target, f"{name} {alignment}")
-            metrics_path = target / "metrics.json"
-            if "metrics" in self.outputs:
-                payload = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+            super()._write(sub, target, f"{name} {alignment}")
+            if "metrics" in self.outputs:  # add the alignment name and the model-space MSE
+                metrics_path = target / "metrics.json"
                 mse = float(torch.mean((_plain(result[f"{moving_key}_warped"]) - _plain(fixed)) ** 2))
-                payload = {"alignment": alignment, **payload, "mse": mse}
+                payload = {"alignment": alignment, **json.loads(metrics_path.read_text()), "mse": mse}
                 with atomic_output(metrics_path) as tmp:
                     tmp.write_text(json.dumps(payload, indent=2))
             if "transform_itk" in wanted and "inverse_matrix_voxel" in result:
-                write_itk_affine(
-                    target / "transform_itk.tfm", result["inverse_matrix_voxel"], affines["fixed"][0], affines["moving"][0]
-                )
+                matrix = result["inverse_matrix_voxel"]  # fixed model voxel -> moving model voxel
+                write_itk_affine(target / "transform_itk.tfm", matrix, affines["fixed"][0], affines["moving"][0])
             if "keypoints" in wanted:
                 _write_keypoints(target / "keypoints_aligned.csv", result["points_aligned_voxel"], *affines["fixed"])
             if "keypoints_qa" in wanted:
@@ -320,10 +321,9 @@ class KeyMorphWriter(RegistrationWriter):
                     "fixed": result["points_fixed_voxel"],
                     "aligned": result["points_aligned_voxel"],
                 }
-                qa_figure(
-                    _plain(fixed), _plain(moving), _plain(result[f"{moving_key}_warped"]), _plain(result["forward_ddf"])[None],
-                    target / "keypoints_qa.png", keypoints=points, title=f"{name} {alignment}",
-                )
+                warped, ddf = _plain(result[f"{moving_key}_warped"]), _plain(result["forward_ddf"])[None]
+                path = target / "keypoints_qa.png"
+                qa_figure(_plain(fixed), _plain(moving), warped, ddf, path, points, title=f"{name} {alignment}")
         if "keypoints" in wanted:
             first = next(iter(alignments.values()))
             _write_keypoints(folder / "keypoints_fixed.csv", first["points_fixed_voxel"], *affines["fixed"])
@@ -372,10 +372,12 @@ def write_groupwise(
         alignments: names as in :class:`KeyMorphInferenceIteration`.
         num_iterations: groupwise iterations (reference 5).
     """
-    import shutil
-    import tempfile
-
-    images = check_input_images(images=[{"image": i[image_key], **({"label": i[label_key]} if label_key in i else {}), "name": i.get("name")} for i in images])
+    images = check_input_images(
+        images=[
+            {"image": i[image_key], "name": i.get("name"), **({"label": i[label_key]} if label_key in i else {})}
+            for i in images
+        ]
+    )
     names = [i["name"] or Path(i["image"]).name.split(".")[0] for i in images]
     if len(set(names)) != len(names):
         raise ValueError(f"image names must be distinct, got {names}")
@@ -408,7 +410,8 @@ def write_groupwise(
                 item = load(index)
                 image, name = item[image_key], names[index]
                 if tuple(image.shape[1:]) != shape:
-                    raise ValueError(f"all images must share the model shape {shape}, {name} has {tuple(image.shape[1:])}")
+                    got = tuple(image.shape[1:])
+                    raise ValueError(f"all images must share the model shape {shape}, {name} has {got}")
                 write_image(target / f"{name}_warped.nii.gz", warp(_plain(image)[None].to(ddf), ddf)[0], common_affine)
                 if label_key in item:
                     label = warp(_plain(item[label_key])[None].to(ddf), ddf, **_LABEL_WARP)[0]
@@ -419,7 +422,8 @@ def write_groupwise(
                 transform_i = group.transform(index)
                 if transform_i.inverse_matrix is not None:
                     _, inverse_voxel = transform_i.voxel_matrices(shape, shape, model.reference_grid)
-                    write_itk_affine(target / f"{name}_transform_itk.tfm", inverse_voxel[0], common_affine, _model_affine(image))
+                    path = target / f"{name}_transform_itk.tfm"
+                    write_itk_affine(path, inverse_voxel[0], common_affine, _model_affine(image))
                 folding[name] = float(folding_fraction(ddf.double())[0])
             metrics = {"alignment": alignment, "num_images": len(images), "folding_fraction": folding}
             dice = _pairwise_dice(warped_labels) if warped_labels else math.nan

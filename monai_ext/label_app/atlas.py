@@ -13,17 +13,19 @@ the returned ``pred``.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Resized, ScaleIntensityd
 from torch import nn
 
 from monai_ext.spatial.sampling import warp
 
-__all__ = ["AtlasPropagationd"]
+__all__ = ["AtlasPropagationd", "bundle_network", "atlas_preprocessing", "load_atlas"]
 
 
 def _channel_first(tensor: Any, name: str, spatial_dims: int | None = None) -> torch.Tensor:
@@ -94,3 +96,68 @@ class AtlasPropagationd(MapTransform):
         if self.ddf_key is not None:
             d[self.ddf_key] = ddf[0]
         return d
+
+
+def bundle_network(
+    bundle_dir: str | os.PathLike,
+    config_file: str = "configs/inference.json",
+    weights: str | os.PathLike | None = "models/model.pt",
+    **override: Any,
+) -> nn.Module:
+    """The bundle's ``network_def`` (eval mode), with ``weights`` (relative to the bundle, ``None``: random) loaded.
+
+    ``override`` are config overrides (``"network_def#features": [...]``). A ``{"model": state_dict}`` checkpoint
+    (``CheckpointSaver``) or a bare state dict is accepted; reference SITReg checkpoints are converted.
+    """
+    from monai.bundle import ConfigParser
+
+    from monai_ext.checkpoints import load_sitreg_checkpoint
+    from monai_ext.networks.sitreg import SITReg
+
+    bundle_dir = Path(bundle_dir)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / config_file))
+    parser.update({"bundle_root": str(bundle_dir), **override})
+    network = parser.get_parsed_content("network_def")
+    if weights is not None:
+        checkpoint = torch.load(bundle_dir / weights, map_location="cpu", weights_only=True)
+        state = checkpoint.get("model", checkpoint)
+        if isinstance(network, SITReg):
+            load_sitreg_checkpoint(network, state)
+        else:
+            network.load_state_dict(state)
+    return network.eval()
+
+
+def atlas_preprocessing(spatial_size: Sequence[int], keys: Sequence[str] = ("image",)) -> list[MapTransform]:
+    """Load (with metadata), channel first, min-max intensities to ``[0, 1]``, resize to the bundle's grid.
+
+    The user's image must already be in the atlas space up to a smooth deformation (e.g. affinely aligned brain
+    MRI for the OASIS bundles): the registration networks are deformable only.
+    """
+    return [
+        LoadImaged(keys=list(keys), image_only=False),
+        EnsureChannelFirstd(keys=list(keys)),
+        ScaleIntensityd(keys=list(keys), minv=0.0, maxv=1.0),
+        Resized(
+            keys=list(keys),
+            spatial_size=list(spatial_size),
+            mode="trilinear" if len(spatial_size) == 3 else "bilinear",
+        ),
+    ]
+
+
+def load_atlas(
+    image_path: str | os.PathLike, label_path: str | os.PathLike, spatial_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Atlas image ``(1, *spatial_size)`` (as :func:`atlas_preprocessing`) and label map ``(1, *spatial_size)``
+    (int64, resized with nearest neighbour)."""
+    loaded = Compose(
+        [
+            LoadImaged(keys=["image", "label"]),
+            EnsureChannelFirstd(keys=["image", "label"]),
+            ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+            Resized(keys=["image", "label"], spatial_size=list(spatial_size), mode=["area", "nearest"]),
+        ]
+    )({"image": str(image_path), "label": str(label_path)})
+    return loaded["image"].as_tensor().float(), loaded["label"].as_tensor().round().long()

@@ -173,7 +173,10 @@ class SITRegEncoder(nn.Module):
 
     def finest(self, x: torch.Tensor) -> torch.Tensor:
         """Level-0 features alone, ``(B, features[0], *spatial)``: the same as ``forward(x)[0]``."""
-        return self.initial_block(_channels_last(self.initial_projection(x)))
+        out = _channels_last(self.initial_projection(x))
+        for convolution in self.initial_block:  # one at a time, so that each input is released after use
+            out = convolution(out)
+        return out
 
 
 # elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)
@@ -533,6 +536,7 @@ class SITReg(nn.Module):
         factor = 2**level
         centres = voxel_grid(features.shape[2:], features.dtype, features.device)[None] * factor + (factor - 1) / 2
         mapped = _chain(centres, None, (chain, affine)).add_(centres)  # full-resolution coordinates
+        del centres
         return sample(features, mapped.add_(0.5).div_(factor).sub_(0.5))
 
     def _outputs(
@@ -574,7 +578,6 @@ class SITReg(nn.Module):
             affines = self._affine_stage(features_1[-1], features_2[-1], spatial_shape)
         aff_f, aff_i = affines
         left_f = right_f = left_i = right_i = None
-        grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]
         levels: list[SITRegLevel] = []
         # Without return_intermediates every tensor is released after its last use (the `del`s below).
         for level in reversed(self.deformation_levels):
@@ -591,6 +594,7 @@ class SITReg(nn.Module):
             if not return_intermediates:
                 del control_fwd, control_rev
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
+            grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]  # (not held during the inversions)
             # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
             if left_i is not None:
                 left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev))
@@ -614,7 +618,7 @@ class SITReg(nn.Module):
                     )
                 )  # fmt: skip
             else:
-                del update_fwd, update_inv
+                del update_fwd, update_inv, grid
         if levels:
             forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
         else:
