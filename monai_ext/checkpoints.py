@@ -17,7 +17,13 @@ import torch
 from monai_ext.networks.sitreg import SITReg
 from monai_ext.spatial.inversion import AndersonSolver, MaxAbsResidual, RelativeL2Residual
 
-__all__ = ["sitreg_from_reference_config", "convert_sitreg_state_dict", "load_sitreg_checkpoint"]
+__all__ = [
+    "sitreg_from_reference_config",
+    "convert_sitreg_state_dict",
+    "load_sitreg_checkpoint",
+    "to_network_state_dict",
+    "check_state_dict",
+]
 
 _DEFORMATION_PREFIX = "_not_none_dense_extration_networks"  # sic, the reference's attribute name
 
@@ -181,22 +187,38 @@ def load_sitreg_checkpoint(
     state = checkpoint.get("registration_network", checkpoint)
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint['registration_network'] must be a state dict, got {type(state).__name__}")
-    if any(key.startswith(("_feature_extractor.", _DEFORMATION_PREFIX)) for key in state):
-        state = convert_sitreg_state_dict(state, model.deformation_levels)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and tuple(state[key].shape) != tuple(expected[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "SITReg checkpoint does not match the model architecture (check features, feature_convolutions, "
-            "deformation_features, deformation_convolutions, deformation_normalization, predict_affine, "
-            f"input_shape and spatial_dims): missing keys {missing}, unexpected keys {unexpected}, "
-            f"shape mismatches {mismatched}"
-        )
+    state = to_network_state_dict(model, state)
+    check_state_dict(model, state, "SITReg checkpoint")
     model.load_state_dict(state)
     return model
+
+
+def to_network_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in ``network``'s own parameter names: a reference SITReg state dict is converted
+    (:func:`convert_sitreg_state_dict`); anything else is returned as it is."""
+    if isinstance(network, SITReg) and any(key.startswith(("_feature_extractor.", _DEFORMATION_PREFIX)) for key in state):
+        return convert_sitreg_state_dict(state, network.deformation_levels)
+    return dict(state)
+
+
+def check_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source``, the network class and the missing, unexpected and
+    shape-mismatched parameters (up to 5 of each) unless ``state`` fits ``network`` exactly."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        details = "; ".join(
+            f"{label} {names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"
+            for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+            if names
+        )
+        raise ValueError(
+            f"{source} does not fit {type(network).__name__} as configured (another architecture or other "
+            f"network_def settings, e.g. features, levels, deformation_normalization, predict_affine): {details}"
+        )

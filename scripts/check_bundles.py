@@ -13,9 +13,10 @@ Per bundle (no check is skipped; a missing file is a failure):
   is handed over as ``filepath``: ``verify_metadata`` downloads ``metadata["schema"]`` to ``filepath`` only
   when that file does not exist yet, so with the local file present nothing is fetched;
 * changelog: ``version`` is a key of ``changelog`` (the Model Zoo's ``verify_version_changes``);
-* large_files: ``large_files.yml`` (or ``.yaml`` / ``.json``) lists the weights for ``monai.bundle
-  download_large_files``: every entry has ``path`` (inside the bundle), ``url``, ``hash_val`` and ``hash_type``
-  (md5, sha1, sha256 or sha512), and ``models/model.pt`` is one of them;
+* large_files: ``large_files.yml`` (or ``.yaml`` / ``.json``) exists with a ``large_files`` list for ``monai.bundle
+  download_large_files`` (empty while a bundle has no published weights; its docs say so). Every entry has
+  ``path`` (inside the bundle) and ``url``; ``hash_val`` and ``hash_type`` (md5, sha1, sha256 or sha512) come
+  together, and only an entry whose publisher gives no checksum may omit both;
 * net_in_out: ``monai.bundle.verify_net_in_out("network_def", ...)`` with ``configs/inference.json`` on CPU
   (a random ``image`` of the declared channels and shape, ``"*n"`` sizes with ``n``; checks ``pred``'s
   channel count and dtype).
@@ -83,23 +84,21 @@ def check_bundle(
 
         found = sorted(p for p in bundle_dir.glob("large_files*") if p.suffix in (".yml", ".yaml", ".json"))
         if not found:
-            raise FileNotFoundError("no large_files.yml naming the weights (models/model.pt) with url and hash")
+            raise FileNotFoundError("no large_files.yml (list the published weights, or an empty list while there are none)")
         entries = ConfigParser.load_config_file(str(found[0])).get("large_files")
         if not isinstance(entries, list):
             raise ValueError(f"{found[0].name} has no 'large_files' list")
-        if not entries:
-            raise ValueError(f"{found[0].name} lists no files: no published weights (models/model.pt) to download")
         for entry in entries:
-            missing = [k for k in ("path", "url", "hash_val", "hash_type") if not entry.get(k)]
+            missing = [k for k in ("path", "url") if not entry.get(k)]
             if missing:
                 raise ValueError(f"{found[0].name} entry {entry.get('path')!r} lacks {', '.join(missing)}")
-            if entry["hash_type"] not in HASH_TYPES:
+            if bool(entry.get("hash_val")) != bool(entry.get("hash_type")):
+                raise ValueError(f"{found[0].name} entry {entry['path']!r}: hash_val and hash_type go together")
+            if entry.get("hash_type") and entry["hash_type"] not in HASH_TYPES:
                 raise ValueError(f"{found[0].name} entry {entry['path']!r}: hash_type must be one of {HASH_TYPES}")
             target = (bundle_dir / entry["path"]).resolve()
             if not target.is_relative_to(bundle_dir.resolve()):
                 raise ValueError(f"{found[0].name} entry path {entry['path']!r} leaves the bundle")
-        if "models/model.pt" not in {str(Path(e["path"]).as_posix()).removeprefix("./") for e in entries}:
-            raise ValueError(f"{found[0].name} does not list models/model.pt")
 
     def net_in_out() -> None:
         verify_net_in_out(

@@ -71,6 +71,10 @@ def make_bundle(root: Path, name: str = "toy_mri_registration", metadata=METADAT
     (bundle / "configs").mkdir(parents=True)
     (bundle / "LICENSE").write_text("MIT")
     (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (bundle / "large_files.yml").write_text(
+        'large_files:\n  - path: "models/model.pt"\n    url: "https://example.org/model.pt"\n'
+        f'    hash_val: "{"0" * 64}"\n    hash_type: "sha256"\n'
+    )
     if inference is not None:
         (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
     return bundle

@@ -45,12 +45,14 @@ ENTRY = (
     "text, expected",
     [
         (ENTRY.format(path="models/model.pt", hash="ab" * 32, kind="sha256"), "ok"),
+        ('large_files:\n  - path: "models/official.zip"\n    url: "https://example.org/official.zip"\n', "ok"),
+        ("large_files: []\n", "ok"),
         (None, "no large_files.yml"),
-        ("large_files: []\n", "lists no files"),
-        (ENTRY.format(path="models/model.pt", hash="", kind="sha256"), "lacks hash_val"),
+        ("other: 1\n", "has no 'large_files' list"),
+        ('large_files:\n  - path: "models/model.pt"\n', "lacks url"),
+        (ENTRY.format(path="models/model.pt", hash="", kind="sha256"), "hash_val and hash_type go together"),
         (ENTRY.format(path="models/model.pt", hash="ab", kind="crc32"), "hash_type must be one of"),
         (ENTRY.format(path="../model.pt", hash="ab", kind="md5"), "leaves the bundle"),
-        (ENTRY.format(path="models/other.pt", hash="ab", kind="md5"), "does not list models/model.pt"),
     ],
 )
 def test_large_files_check(tmp_path, text, expected):

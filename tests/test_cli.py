@@ -168,3 +168,27 @@ def test_register_tiny_pair_writes_outputs_and_summary(tmp_path, pair_dir, capsy
     warped = nib.load(str(folder / "warped_label.nii.gz"))
     assert warped.shape == SHAPE
     np.testing.assert_allclose(warped.affine, nib.load(str(pair_dir["fixed_label"])).affine, atol=1e-5)
+
+
+def test_evaluate_on_synthetic_oasis(tmp_path, capsys):
+    """``evaluate`` = the bundle's train.json + evaluate.json on a 2-subject test division (1 pair)."""
+    import torch
+
+    from monai_ext.data.synthesis import write_synthetic_oasis
+    from monai_ext.networks.sitreg import SITReg
+
+    dataset = write_synthetic_oasis(tmp_path / "oasis", num_subjects=3, shape=SHAPE)
+    network = dict(features=[8, 8], feature_convolutions=[1, 1], deformation_features=[8, 8], deformation_convolutions=[1, 1])
+    torch.save({"model": SITReg(3, **network).state_dict()}, tmp_path / "model.pt")
+    args = ["evaluate", "sitreg_oasis", "--dataset_dir", str(dataset), "--out", str(tmp_path / "eval")]
+    args += ["--ckpt_dir", str(tmp_path), "--num_workers", "0", "--crop", "[[0,0],[0,0],[0,0]]"]
+    args += ["--divisions", "{'train': [0, 1], 'validate': [0, 1], 'test': [1, 3]}"]
+    for key, value in network.items():
+        args += [f"--network_def#{key}", str(value).replace(" ", "")]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads((tmp_path / "eval" / "test" / "summary.json").read_text())
+    assert summary["num_pairs"] == 1
+    name = "OASIS_OAS1_0002_MR1__OASIS_OAS1_0003_MR1"
+    assert f"{name}: Dice" in stdout and "1 pair(s): mean Dice" in stdout
+    assert f"-> {summary['metrics']['dice']['mean']:.3f}" in stdout

@@ -91,15 +91,20 @@ def oasis_subjects(
 
 
 def oasis_cases(
-    dataset_dir: str | os.PathLike, division: str, divisions: Mapping[str, Sequence[int | None]] | None = None
+    dataset_dir: str | os.PathLike,
+    division: str,
+    divisions: Mapping[str, Sequence[int | None]] | None = None,
+    image_file: str = OASIS_IMAGE_FILE,
+    label_file: str = OASIS_LABEL_FILE,
 ) -> list[dict[str, str]]:
-    """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division`` (see :func:`oasis_subjects`)."""
+    """One ``{"image", "label", "name"}`` dict of file paths per subject of ``division`` (see :func:`oasis_subjects`).
+
+    ``image_file`` / ``label_file`` name the files inside each subject folder: the affinely aligned
+    ``aligned_norm`` / ``aligned_seg35`` by default, ``norm.nii.gz`` / ``seg35.nii.gz`` for the raw data.
+    """
     cases = []
     for name in oasis_subjects(dataset_dir, division, divisions):
-        case = {
-            "image": str(Path(dataset_dir, name, OASIS_IMAGE_FILE)),
-            "label": str(Path(dataset_dir, name, OASIS_LABEL_FILE)),
-        }
+        case = {"image": str(Path(dataset_dir, name, image_file)), "label": str(Path(dataset_dir, name, label_file))}
         for path in case.values():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path} listed in subjects.txt is missing (incomplete extraction?)")
@@ -108,7 +113,11 @@ def oasis_cases(
 
 
 def oasis_pairs(
-    dataset_dir: str | os.PathLike, division: str, divisions: Mapping[str, Sequence[int | None]] | None = None
+    dataset_dir: str | os.PathLike,
+    division: str,
+    divisions: Mapping[str, Sequence[int | None]] | None = None,
+    image_file: str = OASIS_IMAGE_FILE,
+    label_file: str = OASIS_LABEL_FILE,
 ) -> list[dict[str, str]]:
     """Evaluation pairs: every unordered pair ``(i < j)`` of the division's subjects, as MONAI data dicts.
 
@@ -116,7 +125,7 @@ def oasis_pairs(
     coordinates to image 1). Keys: ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label``,
     ``moving_name``, ``fixed_name``.
     """
-    return all_pairs(oasis_cases(dataset_dir, division, divisions))
+    return all_pairs(oasis_cases(dataset_dir, division, divisions, image_file, label_file))
 
 
 def oasis_transforms(

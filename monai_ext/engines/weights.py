@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from monai_ext.checkpoints import check_state_dict, to_network_state_dict
+
 __all__ = ["NetworkWeightsLoader"]
 
 
@@ -24,7 +26,8 @@ class NetworkWeightsLoader:
         path: a ``torch.save`` file holding a state dict, directly or under ``key`` (as ``CheckpointSaver`` writes
             ``{"model": state_dict}`` for ``save_dict={"model": network}``).
         network: the module to fill (``DistributedDataParallel`` / wrapper modules: pass the inner network).
-        key: the checkpoint entry holding the state dict, if the file is a dict of several objects.
+        key: the checkpoint entry holding the state dict, if the file is a dict of several objects. Official
+            reference checkpoints are converted to our parameter names (:func:`monai_ext.checkpoints.to_network_state_dict`).
         map_location: passed to ``torch.load``.
         enabled: ``False`` keeps the network's current (e.g. random) weights.
 
@@ -67,19 +70,7 @@ class NetworkWeightsLoader:
         state = checkpoint.get(self.key, checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"checkpoint {self.path} holds no state dict (directly or under {self.key!r})")
-        own = self.network.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or shapes:
-            details = "; ".join(
-                f"{label} {names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)})"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                if names
-            )
-            raise ValueError(
-                f"checkpoint {self.path} does not fit {type(self.network).__name__} as configured "
-                f"(another architecture or other network_def settings): {details}"
-            )
+        state = to_network_state_dict(self.network, state)
+        check_state_dict(self.network, state, f"checkpoint {self.path}")
         self.network.load_state_dict(state)
         self.logger.info(f"loaded {type(self.network).__name__} weights from {self.path}")
