@@ -41,7 +41,7 @@ from tqdm import tqdm  # a dependency of huggingface_hub, which this package req
 
 from monai_ext.engines.registration import pair_metrics
 from monai_ext.io.native import load_image
-from monai_ext.io.outputs import pair_folder_name
+from monai_ext.io.outputs import pair_folder_name, summary_line
 
 __all__ = [
     "InputError",
@@ -52,7 +52,6 @@ __all__ = [
     "run_bundle",
     "register",
     "evaluate",
-    "summary_line",
     "main",
 ]
 
@@ -160,20 +159,6 @@ def check_pair_images(pairs: Sequence[Mapping[str, Any]], spatial_dims: int = 3)
                     load_image(pair[label_key], spatial_dims, label=True, reference=image)
         except (FileNotFoundError, ValueError) as err:
             raise InputError(str(err)) from None
-
-
-def _number(value: Any, scale: float = 1.0) -> str:
-    return "nan" if value is None else f"{scale * float(value):.3f}"
-
-
-def summary_line(row: Mapping[str, Any], name: str) -> str:
-    """One line for a pair's :func:`~monai_ext.engines.registration.pair_metrics` row (``None`` = not finite)."""
-    parts = [name + ":"]
-    if "dice" in row:
-        before = f"{_number(row['dice_before'])} -> " if "dice_before" in row else ""
-        parts.append(f"Dice {before}{_number(row['dice'])},")
-    parts.append(f"folding {_number(row['folding_fraction'], 100)}% of voxels")
-    return " ".join(parts)
 
 
 class _PairReport:

@@ -65,7 +65,7 @@ from monai_ext.io.writers import atomic_output
 from monai_ext.metrics.deformation import jacobian_determinant
 from monai_ext.spatial.sampling import warp
 
-__all__ = ["OUTPUTS", "RegistrationWriter", "check_pair_files", "pair_folder_name"]
+__all__ = ["OUTPUTS", "RegistrationWriter", "check_pair_files", "pair_folder_name", "summary_line"]
 
 OUTPUTS = (
     "warped_image",
@@ -194,6 +194,21 @@ def _write_ddf_nifti(path: Path, ddf: torch.Tensor, affine: torch.Tensor) -> Non
 
 def _strict(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _number(value: Any, scale: float = 1.0) -> str:
+    return "nan" if value is None else f"{scale * float(value):.3f}"
+
+
+def summary_line(row: Mapping[str, Any], name: str) -> str:
+    """One line for a pair's :func:`~monai_ext.engines.registration.pair_metrics` row (``None`` = not finite),
+    e.g. ``moving__fixed: Dice 0.716 -> 0.841, folding 0.000% of voxels``."""
+    parts = [name + ":"]
+    if "dice" in row:
+        before = f"{_number(row['dice_before'])} -> " if "dice_before" in row else ""
+        parts.append(f"Dice {before}{_number(row['dice'])},")
+    parts.append(f"folding {_number(row['folding_fraction'], 100)}% of voxels")
+    return " ".join(parts)
 
 
 class RegistrationWriter:
@@ -327,5 +342,6 @@ class RegistrationWriter:
             payload = {key: _strict(value) for key, value in row.items()}
             with atomic_output(path["metrics"]) as tmp:
                 tmp.write_text(json.dumps(payload, indent=2))
+            self.logger.info(summary_line(payload, name))
         if "qa" in wanted:
             qa_figure(fixed.image(), moving.image(), warped_image, forward, path["qa"], jacobian=jacobian, title=name)
