@@ -1,5 +1,10 @@
 """Load official (reference implementation) checkpoints into the ``monai_ext`` networks.
 
+KeyMorph / BrainMorph: the official container ``{'epoch', 'args', 'state_dict', 'optimizer'}`` holding the
+``DataParallel``-wrapped backbone's state dict (keys ``module.<name>`` or ``module.backbone.<name>``) is
+renamed to :class:`~monai_ext.networks.keypoints.ConvKeypointNet` /
+:class:`~monai_ext.networks.keypoints.TruncatedUNetKeypointNet` names.
+
 SITReg: checkpoints of ``honkamj/SITReg`` (``model_epoch_EEE.pt`` with the network under
 ``"registration_network"``, or a bare ``model.state_dict()``) are renamed to the module names of
 :class:`monai_ext.networks.sitreg.SITReg`; the reference's empty ``._indicator`` buffers (coordinate
@@ -8,12 +13,19 @@ system helpers) are dropped.
 
 from __future__ import annotations
 
+import argparse
+import os
+import pathlib
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 
 import torch
+from torch import nn
 
+from monai_ext.networks.keypoints import ConvKeypointNet, KeypointDetector, TruncatedUNetKeypointNet
 from monai_ext.networks.sitreg import SITReg
 from monai_ext.spatial.inversion import AndersonSolver, MaxAbsResidual, RelativeL2Residual
 
@@ -23,6 +35,9 @@ __all__ = [
     "load_sitreg_checkpoint",
     "to_network_state_dict",
     "check_state_dict",
+    "convert_keymorph_state_dict",
+    "load_keymorph_checkpoint",
+    "load_keymorph_weights",
 ]
 
 _DEFORMATION_PREFIX = "_not_none_dense_extration_networks"  # sic, the reference's attribute name
@@ -222,3 +237,166 @@ def check_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Tensor]
             f"{source} does not fit {type(network).__name__} as configured (another architecture or other "
             f"network_def settings, e.g. features, levels, deformation_normalization, predict_affine): {details}"
         )
+
+
+_RENAMES = (
+    (re.compile(r"^(block\d+)\.conv\.(weight|bias)$"), r"\1.conv.conv.\2"),
+    (
+        re.compile(
+            r"^((?:en|de)coders\.\d+)\.basic_module\.SingleConv(\d)\.(groupnorm\.weight|groupnorm\.bias|conv\.weight)$"
+        ),
+        r"\1.conv\2.\3",
+    ),
+    (re.compile(r"^(final_conv\.(?:weight|bias))$"), r"\1"),
+)
+
+
+def convert_keymorph_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a KeyMorph / BrainMorph backbone state dict to :class:`ConvKeypointNet` /
+    :class:`TruncatedUNetKeypointNet` names.
+
+    Leading ``module.`` (``DataParallel``) and ``backbone.`` (``dev``-branch wrappers) are stripped,
+    then ``block{n}.conv.*`` -> ``block{n}.conv.conv.*``,
+    ``{en,de}coders.{k}.basic_module.SingleConv{j}.*`` -> ``{en,de}coders.{k}.conv{j}.*``,
+    ``final_conv.*`` unchanged.
+
+    Raises:
+        ValueError: for a key of no known backbone (foreign checkpoint, unsupported backbone or norm).
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(("module.", "backbone.")):
+            name = name.split(".", 1)[1]
+        for pattern, replacement in _RENAMES:
+            if pattern.match(name):
+                converted[pattern.sub(replacement, name)] = value
+                break
+        else:
+            raise ValueError(
+                f"state_dict key {key!r} belongs to no supported KeyMorph backbone "
+                "('conv' with instance norm or 'truncatedunet'); is this a KeyMorph checkpoint?"
+            )
+    return converted
+
+
+def _build_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Backbone with the architecture of a converted state dict (type, in_channels, K, dims, levels)."""
+    if "block1.conv.conv.weight" in state_dict and "block9.conv.conv.weight" in state_dict:
+        first, last = state_dict["block1.conv.conv.weight"], state_dict["block9.conv.conv.weight"]
+        return ConvKeypointNet(first.shape[1], last.shape[0], spatial_dims=first.ndim - 2)
+    if "encoders.0.conv1.conv.weight" in state_dict and "final_conv.weight" in state_dict:
+        first = state_dict["encoders.0.conv1.conv.weight"]
+        num_levels = len({k.split(".")[1] for k in state_dict if k.startswith("encoders.")})
+        num_decoders = len({k.split(".")[1] for k in state_dict if k.startswith("decoders.")})
+        return TruncatedUNetKeypointNet(
+            first.shape[1],
+            state_dict["final_conv.weight"].shape[0],
+            spatial_dims=first.ndim - 2,
+            f_maps=state_dict["encoders.0.conv2.conv.weight"].shape[0],
+            num_levels=num_levels,
+            num_truncated=num_levels - 1 - num_decoders,
+        )
+    raise ValueError(f"cannot infer a KeyMorph backbone from the state_dict keys {sorted(state_dict)[:5]} ...")
+
+
+def _load_strict(network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    check_state_dict(network, state_dict, source)
+    network.load_state_dict(state_dict, strict=True)
+
+
+def load_keymorph_checkpoint(
+    path: str | PathLike,
+    network: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    trusted: bool = False,
+) -> nn.Module:
+    """Load an official KeyMorph / BrainMorph checkpoint into a keypoint backbone.
+
+    The container is ``torch.save({'epoch', 'args', 'state_dict', 'optimizer'})`` with the state
+    dict of the ``DataParallel``-wrapped backbone (keys ``module.<name>`` or
+    ``module.backbone.<name>``); a bare state dict is accepted too. Only ``state_dict`` is used.
+
+    Args:
+        path: checkpoint file (e.g. ``foundation-numkey256-numlevels5.pth.tar``).
+        network: a :class:`ConvKeypointNet`, :class:`TruncatedUNetKeypointNet` or a
+            :class:`KeypointDetector` around one, loaded in place. ``None``: build the backbone the
+            keys describe (type, in_channels, K, levels; GroupNorm groups 8) in eval mode.
+        map_location: as in ``torch.load``.
+        trusted: ``False`` (default) loads with ``weights_only=True`` allowing only
+            ``argparse.Namespace`` and ``pathlib.PosixPath`` besides tensors (what the reference
+            stores in ``args``); ``True`` unpickles anything (``weights_only=False``): only for files
+            you trust.
+
+    Returns:
+        ``network`` (or the new backbone) with the weights loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, foreign or mismatching (architecture, K) checkpoint.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"KeyMorph checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath]):
+            container = torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        reason = str(err).partition("WeightsUnpickler error:")[2].split(" Please use")[0].strip()
+        reason = (reason or str(err)).strip().splitlines()[0]
+        hint = (
+            ""
+            if trusted
+            else (
+                " (read with weights_only=True, which allows only tensors, argparse.Namespace and PosixPath;"
+                " for a checkpoint you trust pass trusted=True)"
+            )
+        )
+        raise ValueError(f"cannot unpickle {path}: {reason}{hint}") from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
+    if isinstance(container, Mapping) and "state_dict" in container:
+        state_dict = container["state_dict"]
+    else:
+        state_dict = container
+    if (
+        not isinstance(state_dict, Mapping)
+        or not state_dict
+        or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    ):
+        keys = list(container)[:6] if isinstance(container, Mapping) else type(container).__name__
+        raise ValueError(
+            f"{path} is not a KeyMorph checkpoint: expected a dict with a 'state_dict' of tensors, got {keys}"
+        )
+    state_dict = convert_keymorph_state_dict(state_dict)
+    if network is None:
+        network = _build_from_state_dict(state_dict).eval()
+        _load_strict(network, state_dict, f"KeyMorph checkpoint {path}")
+        return network
+    _load_strict(network.backbone if isinstance(network, KeypointDetector) else network, state_dict, f"KeyMorph checkpoint {path}")
+    return network
+
+
+def load_keymorph_weights(
+    network: nn.Module, path: str | os.PathLike | None, keys: Sequence[str] = ("model", "network")
+) -> nn.Module:
+    """Load weights into a :class:`~monai_ext.networks.keymorph.KeyMorph` (in place; ``None`` / ``""`` = keep them).
+
+    A bundle checkpoint (``.pt`` of ``CheckpointSaver``: the KeyMorph state dict under the first of ``keys`` it
+    holds, e.g. ``model.pt`` or a pretraining ``checkpoint_epoch=<E>.pt``) is loaded strictly; anything else is
+    read as an official KeyMorph / BrainMorph checkpoint into ``network.backbone``
+    (:func:`~monai_ext.checkpoints.load_keymorph_checkpoint`, ``weights_only`` loading).
+    """
+    if path is None or str(path) == "":
+        return network
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in keys:
+            if isinstance(state, Mapping) and key in state:
+                network.load_state_dict(state[key])
+                return network
+    load_keymorph_checkpoint(path, network.backbone)
+    return network

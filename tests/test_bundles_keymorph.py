@@ -123,9 +123,7 @@ def test_check_bundles_pass():
 
     for folder in BUNDLES.values():
         result = check_bundle(folder)
-        # large_files: the official weights have no published hash (and no models/model.pt is released), so the
-        # checker's hash requirement cannot be met without inventing one; every other check must pass
-        assert all(result[c] == "ok" for c in CHECKS if c != "large_files"), result
+        assert all(result[c] == "ok" for c in CHECKS), result
 
 
 def test_foundation_pretrain_train_resume_evaluate(ixi, tmp_path):

@@ -15,13 +15,12 @@ import pytest
 import torch
 from conftest import fixture_path, load_npz
 
+from monai_ext.checkpoints import convert_keymorph_state_dict, load_keymorph_checkpoint
 from monai_ext.networks.keypoints import (
     CenterOfMass,
     ConvKeypointNet,
     KeypointDetector,
     TruncatedUNetKeypointNet,
-    convert_keymorph_state_dict,
-    load_keymorph_checkpoint,
     power_weights,
 )
 
@@ -349,12 +348,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot unpickle .*garbage.pt"):
         load_keymorph_checkpoint(tmp_path / "garbage.pt")
     with pytest.raises(
-        ValueError, match=r"block9.conv.conv.weight: checkpoint \(16, 512, 3, 3, 3\) vs network \(8, 512"
+        ValueError, match=r"block9.conv.conv.weight: checkpoint \(16, 512, 3, 3, 3\) vs model \(8, 512"
     ):
         load_keymorph_checkpoint(conv_ckpt, ConvKeypointNet(num_keypoints=8))
-    with pytest.raises(ValueError, match="does not match TruncatedUNetKeypointNet"):
+    with pytest.raises(ValueError, match="does not fit TruncatedUNetKeypointNet"):
         load_keymorph_checkpoint(conv_ckpt, TruncatedUNetKeypointNet(num_keypoints=16, num_levels=3))
-    with pytest.raises(ValueError, match="does not match TruncatedUNetKeypointNet"):
+    with pytest.raises(ValueError, match="does not fit TruncatedUNetKeypointNet"):
         load_keymorph_checkpoint(
             fixture_path("keymorph", BACKBONES["truncatedunet"][0]), TruncatedUNetKeypointNet(num_keypoints=16)
         )

@@ -31,7 +31,8 @@ from monai_ext.networks.keymorph import (
     parse_alignment,
     tps_lambda,
 )
-from monai_ext.networks.keypoints import CenterOfMass, KeypointDetector, load_keymorph_checkpoint, power_weights
+from monai_ext.checkpoints import load_keymorph_checkpoint
+from monai_ext.networks.keypoints import CenterOfMass, KeypointDetector, power_weights
 from monai_ext.spatial.affine import fit_affine, transform_points
 from monai_ext.spatial.coordinates import voxel_to_normalized
 from monai_ext.spatial.sampling import affine_to_ddf, voxel_grid, warp

@@ -15,24 +15,20 @@ from monai.engines import SupervisedEvaluator
 
 from monai_ext.data.keymorph import keymorph_transforms
 from monai_ext.io.itk_fields import read_itk_affine
-from monai_ext.io.keymorph_outputs import (
-    KeyMorphInferenceIteration,
-    KeyMorphWriter,
-    check_input_images,
-    keypoints_to_voxels,
-    load_keymorph_weights,
-)
-from monai_ext.networks.keymorph import KeyMorph
-from monai_ext.networks.keypoints import ConvKeypointNet, load_keymorph_checkpoint
+from monai_ext.checkpoints import load_keymorph_checkpoint, load_keymorph_weights
+from monai_ext.engines.keymorph import KeyMorphInferenceIteration
+from monai_ext.io.keymorph_outputs import KeyMorphWriter, check_input_images
+from monai_ext.networks.keymorph import KeyMorph, normalized_to_voxels
+from monai_ext.networks.keypoints import ConvKeypointNet
 
 
-def test_keypoints_to_voxels_conventions():
+def test_normalized_to_voxels_conventions():
     """align_corners=True: -1 -> 0, 1 -> N - 1; False: -1 -> -0.5, 1 -> N - 0.5 (voxel edges), by definition."""
     points = torch.tensor([[-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]])
     shape = (5, 9, 11)
-    torch.testing.assert_close(keypoints_to_voxels(points, shape), torch.tensor([[0.0, 4.0, 10.0], [4.0, 0.0, 5.0]]))
+    torch.testing.assert_close(normalized_to_voxels(points, shape), torch.tensor([[0.0, 4.0, 10.0], [4.0, 0.0, 5.0]]))
     torch.testing.assert_close(
-        keypoints_to_voxels(points, shape, align_corners=False), torch.tensor([[-0.5, 4.0, 10.5], [4.5, -0.5, 5.0]])
+        normalized_to_voxels(points, shape, align_corners=False), torch.tensor([[-0.5, 4.0, 10.5], [4.5, -0.5, 5.0]])
     )
 
 

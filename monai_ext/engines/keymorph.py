@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_ext.data.keymorph_augmentation import (
@@ -38,10 +39,12 @@ from monai_ext.data.keymorph_augmentation import (
 )
 from monai_ext.engines.registration import as_loss_terms, backward_and_step, to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
+from monai_ext.networks.keymorph import fit_keypoint_transform, normalized_to_voxels, parse_alignment
 from monai_ext.spatial.affine import transform_points
-from monai_ext.spatial.sampling import warp
+from monai_ext.spatial.sampling import affine_to_ddf, warp
 
 __all__ = [
+    "KeyMorphInferenceIteration",
     "sample_reference_points",
     "ReferenceKeypoints",
     "one_hot_label_pair",
@@ -414,5 +417,97 @@ class KeyMorphTrainIteration(_AugmentingIteration):
         backward_and_step(engine, as_loss_terms(engine.loss_function(moving_warped, fixed, *label_args)))
         if self.consistency_weight > 0:
             engine.state.output["kpconsistency"] = self._consistency_step(engine, batchdata, model)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+_LABEL_WARP = {"mode": "nearest", "padding": "zeros"}
+
+
+class KeyMorphInferenceIteration:
+    """``iteration_update`` for ``SupervisedEvaluator``: every alignment of a pair from one keypoint detection.
+
+    ``engine.network`` is a :class:`~monai_ext.networks.keymorph.KeyMorph` (in eval mode, no gradients). The output
+    keeps the batch's images, labels and names and adds ``alignments``: ``{name: {"forward_ddf", "moving_image_warped",
+    "inverse_ddf", ["moving_label_warped", "fixed_label_warped"], "points_fixed_voxel", "points_moving_voxel",
+    "points_aligned_voxel", ["inverse_matrix_voxel"]}}`` (model voxels; ``forward_ddf``: fixed grid -> moving image;
+    ``inverse_ddf``: moving grid -> fixed image: for affine / rigid the exact inverse matrix, for TPS the same
+    alignment fitted with the keypoint roles swapped (no second detection; a separate fit, as KeyMorph's forward
+    point map, so only approximately inverse); label maps warped nearest,
+    0 outside), and the first alignment's ``forward_ddf`` / ``pred`` at the top level.
+
+    Args:
+        alignments: names (``affine``, ``rigid``, ``tps_<lambda>``; random-lambda names draw per call).
+        inverse: also compute ``inverse_ddf`` (inverse outputs, ``dice_inverse``, inverse consistency).
+        moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
+    """
+
+    def __init__(
+        self,
+        alignments: Sequence[str] = ("affine",),
+        inverse: bool = True,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        if isinstance(alignments, str):
+            alignments = [alignments]
+        if not alignments or len(set(alignments)) != len(alignments):
+            raise ValueError(f"alignments must be a non-empty list of distinct names, got {alignments}")
+        for name in alignments:
+            parse_alignment(name)
+        self.alignments = list(alignments)
+        self.inverse = inverse
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("batchdata must not be None")
+        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
+        if moving is None or fixed is None:
+            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        model = getattr(engine.network, "module", engine.network)
+        if not hasattr(model, "register"):
+            raise ValueError(f"engine.network must be a KeyMorph (with register), got {type(model).__name__}")
+        model.eval()
+        reference_grid = bool(getattr(model, "reference_grid", False))
+        with torch.no_grad():
+            results = model.register(moving, fixed, self.alignments)
+        output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
+        output.update({self.keys[0]: moving, self.keys[1]: fixed})
+        if moving_label is not None and fixed_label is not None:
+            output.update({self.keys[2]: moving_label, self.keys[3]: fixed_label})
+        fixed_shape, moving_shape = fixed.shape[2:], moving.shape[2:]
+        per_alignment = {}
+        for name in self.alignments:
+            result = results[name]
+            ddf = result["ddf"]
+            out = {
+                "forward_ddf": ddf,
+                f"{self.keys[0]}_warped": warp(convert_to_tensor(moving, track_meta=False), ddf),
+                "points_fixed_voxel": normalized_to_voxels(result["points_fixed"], fixed_shape),
+                "points_moving_voxel": normalized_to_voxels(result["points_moving"], moving_shape, not reference_grid),
+                "points_aligned_voxel": normalized_to_voxels(result["points_aligned"], fixed_shape),
+            }
+            if self.inverse and "matrix_voxel" in result:  # affine / rigid: the exact inverse map
+                out["inverse_ddf"] = affine_to_ddf(result["matrix_voxel"], moving_shape)
+            elif self.inverse:  # TPS has no closed-form inverse: refit with the roles swapped
+                swapped = fit_keypoint_transform(
+                    result["points_moving"], result["points_fixed"], name, result.get("weights"), result.get("lmbda")
+                )
+                out["inverse_ddf"] = swapped.ddf(moving_shape, fixed_shape, reference_grid, model.chunk_size)
+            if moving_label is not None and fixed_label is not None:
+                out[f"{self.keys[2]}_warped"] = warp(convert_to_tensor(moving_label, track_meta=False).to(ddf.dtype), ddf, **_LABEL_WARP)
+                if self.inverse:
+                    fixed_ids = convert_to_tensor(fixed_label, track_meta=False).to(ddf.dtype)
+                    out[f"{self.keys[3]}_warped"] = warp(fixed_ids, out["inverse_ddf"], **_LABEL_WARP)
+            if "inverse_matrix_voxel" in result:
+                out["inverse_matrix_voxel"] = result["inverse_matrix_voxel"]
+            per_alignment[name] = out
+        output["alignments"] = per_alignment
+        output["forward_ddf"] = output["pred"] = per_alignment[self.alignments[0]]["forward_ddf"]
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

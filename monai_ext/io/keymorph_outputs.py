@@ -20,7 +20,7 @@ images; every image is warped into the common (template) space and written with 
 holds the mean pairwise Dice of the warped label maps (if any) and the folding fraction of every field.
 
 Keypoint coordinates: KeyMorph keypoints are normalised ``[-1, 1]`` model-space coordinates (align_corners=True);
-:func:`keypoints_to_voxels` turns them into model voxels (for the moving image with the reference's read
+:func:`~monai_ext.networks.keymorph.normalized_to_voxels` turns them into model voxels (for the moving image with the reference's read
 convention when the model uses ``reference_grid``), the model affine into world mm, the file affine into file voxels.
 """
 
@@ -40,43 +40,27 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.engines.utils import IterationEvents
 from torch import nn
 
-from monai_ext.engines.registration import to_device
 from monai_ext.io.itk_fields import write_image, write_itk_affine
 from monai_ext.io.native import load_image
 from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, check_pair_files
 from monai_ext.io.qa import qa_figure
 from monai_ext.io.writers import atomic_output
 from monai_ext.metrics.deformation import folding_fraction
-from monai_ext.networks.keymorph import fit_keypoint_transform, parse_alignment
-from monai_ext.networks.keypoints import load_keymorph_checkpoint
+from monai_ext.networks.keymorph import normalized_to_voxels
 from monai_ext.spatial.coordinates import invert_homogeneous
-from monai_ext.spatial.sampling import affine_to_ddf, warp
+from monai_ext.spatial.sampling import warp
 
 __all__ = [
     "KEYMORPH_OUTPUTS",
-    "keypoints_to_voxels",
     "check_input_images",
-    "load_keymorph_weights",
-    "KeyMorphInferenceIteration",
     "KeyMorphWriter",
     "write_groupwise",
 ]
 
 KEYMORPH_OUTPUTS = ("transform_itk", "keypoints", "keypoints_qa")
 _LABEL_WARP = {"mode": "nearest", "padding": "zeros"}
-
-
-def keypoints_to_voxels(points: torch.Tensor, spatial_shape: Sequence[int], align_corners: bool = True) -> torch.Tensor:
-    """Normalised keypoints ``(..., n)`` -> voxel coordinates of a grid of ``spatial_shape``.
-
-    ``align_corners=True``: ``v = (p + 1) (N - 1) / 2`` (KeyMorph's keypoint convention); ``False``:
-    ``v = (p + 1) N / 2 - 0.5`` (how the reference *reads* the moving image, ``reference_grid=True``).
-    """
-    size = torch.tensor([float(s) for s in spatial_shape], dtype=points.dtype, device=points.device)
-    return (points + 1) * (size - 1) / 2 if align_corners else (points + 1) * size / 2 - 0.5
 
 
 def check_input_images(
@@ -110,31 +94,6 @@ def check_input_images(
     return items
 
 
-def load_keymorph_weights(
-    network: nn.Module, path: str | os.PathLike | None, keys: Sequence[str] = ("model", "network")
-) -> nn.Module:
-    """Load weights into a :class:`~monai_ext.networks.keymorph.KeyMorph` (in place; ``None`` / ``""`` = keep them).
-
-    A bundle checkpoint (``.pt`` of ``CheckpointSaver``: the KeyMorph state dict under the first of ``keys`` it
-    holds, e.g. ``model.pt`` or a pretraining ``checkpoint_epoch=<E>.pt``) is loaded strictly; anything else is
-    read as an official KeyMorph / BrainMorph checkpoint into ``network.backbone``
-    (:func:`~monai_ext.networks.keypoints.load_keymorph_checkpoint`, ``weights_only`` loading).
-    """
-    if path is None or str(path) == "":
-        return network
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in keys:
-            if isinstance(state, Mapping) and key in state:
-                network.load_state_dict(state[key])
-                return network
-    load_keymorph_checkpoint(path, network.backbone)
-    return network
-
-
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
@@ -142,95 +101,6 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 def _model_affine(image: torch.Tensor) -> torch.Tensor:
     n = image.ndim - 1
     return image.affine.to(torch.float64) if isinstance(image, MetaTensor) else torch.eye(n + 1, dtype=torch.float64)
-
-
-class KeyMorphInferenceIteration:
-    """``iteration_update`` for ``SupervisedEvaluator``: every alignment of a pair from one keypoint detection.
-
-    ``engine.network`` is a :class:`~monai_ext.networks.keymorph.KeyMorph` (in eval mode, no gradients). The output
-    keeps the batch's images, labels and names and adds ``alignments``: ``{name: {"forward_ddf", "moving_image_warped",
-    "inverse_ddf", ["moving_label_warped", "fixed_label_warped"], "points_fixed_voxel", "points_moving_voxel",
-    "points_aligned_voxel", ["inverse_matrix_voxel"]}}`` (model voxels; ``forward_ddf``: fixed grid -> moving image;
-    ``inverse_ddf``: moving grid -> fixed image: for affine / rigid the exact inverse matrix, for TPS the same
-    alignment fitted with the keypoint roles swapped (no second detection; a separate fit, as KeyMorph's forward
-    point map, so only approximately inverse); label maps warped nearest,
-    0 outside), and the first alignment's ``forward_ddf`` / ``pred`` at the top level.
-
-    Args:
-        alignments: names (``affine``, ``rigid``, ``tps_<lambda>``; random-lambda names draw per call).
-        inverse: also compute ``inverse_ddf`` (inverse outputs, ``dice_inverse``, inverse consistency).
-        moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
-    """
-
-    def __init__(
-        self,
-        alignments: Sequence[str] = ("affine",),
-        inverse: bool = True,
-        moving_key: str = "moving_image",
-        fixed_key: str = "fixed_image",
-        moving_label_key: str = "moving_label",
-        fixed_label_key: str = "fixed_label",
-    ) -> None:
-        if isinstance(alignments, str):
-            alignments = [alignments]
-        if not alignments or len(set(alignments)) != len(alignments):
-            raise ValueError(f"alignments must be a non-empty list of distinct names, got {alignments}")
-        for name in alignments:
-            parse_alignment(name)
-        self.alignments = list(alignments)
-        self.inverse = inverse
-        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
-
-    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("batchdata must not be None")
-        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
-        if moving is None or fixed is None:
-            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
-        model = getattr(engine.network, "module", engine.network)
-        if not hasattr(model, "register"):
-            raise ValueError(f"engine.network must be a KeyMorph (with register), got {type(model).__name__}")
-        model.eval()
-        reference_grid = bool(getattr(model, "reference_grid", False))
-        with torch.no_grad():
-            results = model.register(moving, fixed, self.alignments)
-        output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
-        output.update({self.keys[0]: moving, self.keys[1]: fixed})
-        if moving_label is not None and fixed_label is not None:
-            output.update({self.keys[2]: moving_label, self.keys[3]: fixed_label})
-        fixed_shape, moving_shape = fixed.shape[2:], moving.shape[2:]
-        per_alignment = {}
-        for name in self.alignments:
-            result = results[name]
-            ddf = result["ddf"]
-            out = {
-                "forward_ddf": ddf,
-                f"{self.keys[0]}_warped": warp(_plain(moving), ddf),
-                "points_fixed_voxel": keypoints_to_voxels(result["points_fixed"], fixed_shape),
-                "points_moving_voxel": keypoints_to_voxels(result["points_moving"], moving_shape, not reference_grid),
-                "points_aligned_voxel": keypoints_to_voxels(result["points_aligned"], fixed_shape),
-            }
-            if self.inverse and "matrix_voxel" in result:  # affine / rigid: the exact inverse map
-                out["inverse_ddf"] = affine_to_ddf(result["matrix_voxel"], moving_shape)
-            elif self.inverse:  # TPS has no closed-form inverse: refit with the roles swapped
-                swapped = fit_keypoint_transform(
-                    result["points_moving"], result["points_fixed"], name, result.get("weights"), result.get("lmbda")
-                )
-                out["inverse_ddf"] = swapped.ddf(moving_shape, fixed_shape, reference_grid, model.chunk_size)
-            if moving_label is not None and fixed_label is not None:
-                out[f"{self.keys[2]}_warped"] = warp(_plain(moving_label).to(ddf.dtype), ddf, **_LABEL_WARP)
-                if self.inverse:
-                    fixed_ids = _plain(fixed_label).to(ddf.dtype)
-                    out[f"{self.keys[3]}_warped"] = warp(fixed_ids, out["inverse_ddf"], **_LABEL_WARP)
-            if "inverse_matrix_voxel" in result:
-                out["inverse_matrix_voxel"] = result["inverse_matrix_voxel"]
-            per_alignment[name] = out
-        output["alignments"] = per_alignment
-        output["forward_ddf"] = output["pred"] = per_alignment[self.alignments[0]]["forward_ddf"]
-        engine.state.output = output
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
 
 
 def _file_affine(image: torch.Tensor) -> torch.Tensor:
@@ -404,7 +274,7 @@ def write_groupwise(
             group = model.groupwise_register(stream(), alignment, num_iterations)
             target = staging / alignment
             warped_labels, folding = [], {}
-            template_voxels = keypoints_to_voxels(group.template, shape)
+            template_voxels = normalized_to_voxels(group.template, shape)
             _write_keypoints(target / "template_keypoints.csv", template_voxels, common_affine, common_affine)
             for index, ddf in enumerate(group.ddfs()):
                 item = load(index)
@@ -417,7 +287,7 @@ def write_groupwise(
                     label = warp(_plain(item[label_key])[None].to(ddf), ddf, **_LABEL_WARP)[0]
                     warped_labels.append(label)
                     write_image(target / f"{name}_warped_label.nii.gz", label.round().to(torch.int32), common_affine)
-                voxels = keypoints_to_voxels(group.points[index], shape, not model.reference_grid)
+                voxels = normalized_to_voxels(group.points[index], shape, not model.reference_grid)
                 _write_keypoints(target / f"{name}_keypoints.csv", voxels, _model_affine(image), _file_affine(image))
                 transform_i = group.transform(index)
                 if transform_i.inverse_matrix is not None:

@@ -45,6 +45,7 @@ from monai_ext.spatial.sampling import voxel_grid
 from monai_ext.spatial.tps import fit_tps, tps_dense, tps_transform_points
 
 __all__ = [
+    "normalized_to_voxels",
     "parse_alignment",
     "tps_lambda",
     "KeypointTransform",
@@ -118,12 +119,14 @@ def tps_lambda(
     return (low + u * (high - low)).exp().to(dtype=dtype, device=device)
 
 
-def _moving_voxels(normalized: torch.Tensor, moving_shape: Sequence[int], reference_grid: bool) -> torch.Tensor:
-    """Normalised moving coordinates ``(..., n)`` -> moving voxel coordinates (align_corners True, or False)."""
-    size = torch.tensor([float(s) for s in moving_shape], dtype=normalized.dtype, device=normalized.device)
-    if reference_grid:
-        return (normalized + 1) * size / 2 - 0.5
-    return (normalized + 1) * (size - 1) / 2
+def normalized_to_voxels(points: torch.Tensor, spatial_shape: Sequence[int], align_corners: bool = True) -> torch.Tensor:
+    """KeyMorph normalised coordinates ``(..., n)`` (``ij`` order, ``[-1, 1]`` per axis) -> voxel coordinates.
+
+    ``align_corners=True``: ``v = (p + 1) (N - 1) / 2`` (KeyMorph's keypoint convention, and ours for grids);
+    ``False``: ``v = (p + 1) N / 2 - 0.5`` (how the reference *reads* the moving image: ``reference_grid=True``).
+    """
+    size = torch.tensor([float(s) for s in spatial_shape], dtype=points.dtype, device=points.device)
+    return (points + 1) * (size - 1) / 2 if align_corners else (points + 1) * size / 2 - 0.5
 
 
 @dataclass
@@ -200,7 +203,7 @@ class KeypointTransform:
         (module docstring).
         """
         grid = self.sampling_grid(fixed_shape, chunk_size)
-        voxels = _moving_voxels(grid, fixed_shape if moving_shape is None else moving_shape, reference_grid)
+        voxels = normalized_to_voxels(grid, fixed_shape if moving_shape is None else moving_shape, not reference_grid)
         shape = grid.shape[1:-1]
         return voxels.movedim(-1, 1) - voxel_grid(shape, voxels.dtype, voxels.device)[None]
 
@@ -359,7 +362,7 @@ class KeyMorph(nn.Module):
         detector: a :class:`~monai_ext.networks.keypoints.KeypointDetector` (its backbone and its centre-of-mass
             settings ``empty`` / ``eps`` are used, ``indexing`` must be ``"ij"``) or a bare backbone
             (image ``(B, C, *spatial)`` -> heatmaps ``(B, K, *spatial')``), e.g. from
-            :func:`~monai_ext.networks.keypoints.load_keymorph_checkpoint`.
+            :func:`~monai_ext.checkpoints.load_keymorph_checkpoint`.
         alignment: default alignment of :meth:`forward` (module docstring).
         weighted: use KeyMorph's ``power`` keypoint weights (heatmap masses of both images).
         max_train_keypoints: in training mode, TPS fits use a random subset of this many keypoints (the same
@@ -486,7 +489,7 @@ class KeyMorph(nn.Module):
                 out.update(lmbda=transform.lmbda, theta_inverse=transform.theta_inverse, theta=transform.theta)
             if dense:
                 grid = transform.sampling_grid(fixed_shape, self.chunk_size)
-                voxels = _moving_voxels(grid, moving_shape, self.reference_grid)
+                voxels = normalized_to_voxels(grid, moving_shape, not self.reference_grid)
                 out["ddf"] = voxels.movedim(-1, 1) - voxel_grid(fixed_shape, grid.dtype, grid.device)[None]
                 out["grid"] = grid.flip(-1)
             results[name] = out

@@ -1,4 +1,6 @@
-"""KeyMorph / BrainMorph keypoint detection: backbones, centre-of-mass layer, official checkpoints.
+"""KeyMorph / BrainMorph keypoint detection: backbones and the centre-of-mass layer.
+
+Official checkpoints are read by :func:`monai_ext.checkpoints.load_keymorph_checkpoint`.
 
 A keypoint detector maps an image ``(B, C, *spatial)`` to ``K`` heatmaps and reduces every heatmap
 to one point with a ReLU-normalised centre of mass (:class:`CenterOfMass`).
@@ -18,13 +20,7 @@ Reference: KeyMorph ``alanqrwang/keymorph@dcb7996`` (``keymorph/net.py``, ``keym
 
 from __future__ import annotations
 
-import argparse
-import pathlib
-import pickle
-import re
 from collections import OrderedDict
-from collections.abc import Mapping
-from os import PathLike
 
 import torch
 import torch.nn as nn
@@ -38,8 +34,6 @@ __all__ = [
     "ConvKeypointNet",
     "TruncatedUNetKeypointNet",
     "KeypointDetector",
-    "convert_keymorph_state_dict",
-    "load_keymorph_checkpoint",
 ]
 
 _EMPTY_MODES = ("corner", "center", "raise")
@@ -378,157 +372,3 @@ class KeypointDetector(nn.Module):
         if isinstance(image, torch.Tensor) and not torch.isfinite(image).all():
             raise ValueError("image contains non-finite values")
         return self.center_of_mass(self.backbone(image))
-
-
-# --- official checkpoints -------------------------------------------------------------------------
-
-_RENAMES = (
-    (re.compile(r"^(block\d+)\.conv\.(weight|bias)$"), r"\1.conv.conv.\2"),
-    (
-        re.compile(
-            r"^((?:en|de)coders\.\d+)\.basic_module\.SingleConv(\d)\.(groupnorm\.weight|groupnorm\.bias|conv\.weight)$"
-        ),
-        r"\1.conv\2.\3",
-    ),
-    (re.compile(r"^(final_conv\.(?:weight|bias))$"), r"\1"),
-)
-
-
-def convert_keymorph_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a KeyMorph / BrainMorph backbone state dict to :class:`ConvKeypointNet` /
-    :class:`TruncatedUNetKeypointNet` names.
-
-    Leading ``module.`` (``DataParallel``) and ``backbone.`` (``dev``-branch wrappers) are stripped,
-    then ``block{n}.conv.*`` -> ``block{n}.conv.conv.*``,
-    ``{en,de}coders.{k}.basic_module.SingleConv{j}.*`` -> ``{en,de}coders.{k}.conv{j}.*``,
-    ``final_conv.*`` unchanged.
-
-    Raises:
-        ValueError: for a key of no known backbone (foreign checkpoint, unsupported backbone or norm).
-    """
-    converted = {}
-    for key, value in state_dict.items():
-        name = key
-        while name.startswith(("module.", "backbone.")):
-            name = name.split(".", 1)[1]
-        for pattern, replacement in _RENAMES:
-            if pattern.match(name):
-                converted[pattern.sub(replacement, name)] = value
-                break
-        else:
-            raise ValueError(
-                f"state_dict key {key!r} belongs to no supported KeyMorph backbone "
-                "('conv' with instance norm or 'truncatedunet'); is this a KeyMorph checkpoint?"
-            )
-    return converted
-
-
-def _build_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Backbone with the architecture of a converted state dict (type, in_channels, K, dims, levels)."""
-    if "block1.conv.conv.weight" in state_dict and "block9.conv.conv.weight" in state_dict:
-        first, last = state_dict["block1.conv.conv.weight"], state_dict["block9.conv.conv.weight"]
-        return ConvKeypointNet(first.shape[1], last.shape[0], spatial_dims=first.ndim - 2)
-    if "encoders.0.conv1.conv.weight" in state_dict and "final_conv.weight" in state_dict:
-        first = state_dict["encoders.0.conv1.conv.weight"]
-        num_levels = len({k.split(".")[1] for k in state_dict if k.startswith("encoders.")})
-        num_decoders = len({k.split(".")[1] for k in state_dict if k.startswith("decoders.")})
-        return TruncatedUNetKeypointNet(
-            first.shape[1],
-            state_dict["final_conv.weight"].shape[0],
-            spatial_dims=first.ndim - 2,
-            f_maps=state_dict["encoders.0.conv2.conv.weight"].shape[0],
-            num_levels=num_levels,
-            num_truncated=num_levels - 1 - num_decoders,
-        )
-    raise ValueError(f"cannot infer a KeyMorph backbone from the state_dict keys {sorted(state_dict)[:5]} ...")
-
-
-def _load_strict(network: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """``load_state_dict(strict=True)`` with a readable ``ValueError`` for any mismatch."""
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs network {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"checkpoint does not match {type(network).__name__} (architecture or num_keypoints differ): "
-            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-            f"{'...' if len(unexpected) > 4 else ''}, shape mismatches {wrong[:4]}"
-        )
-    network.load_state_dict(state_dict, strict=True)
-
-
-def load_keymorph_checkpoint(
-    path: str | PathLike,
-    network: nn.Module | None = None,
-    map_location: str | torch.device = "cpu",
-    trusted: bool = False,
-) -> nn.Module:
-    """Load an official KeyMorph / BrainMorph checkpoint into a keypoint backbone.
-
-    The container is ``torch.save({'epoch', 'args', 'state_dict', 'optimizer'})`` with the state
-    dict of the ``DataParallel``-wrapped backbone (keys ``module.<name>`` or
-    ``module.backbone.<name>``); a bare state dict is accepted too. Only ``state_dict`` is used.
-
-    Args:
-        path: checkpoint file (e.g. ``foundation-numkey256-numlevels5.pth.tar``).
-        network: a :class:`ConvKeypointNet`, :class:`TruncatedUNetKeypointNet` or a
-            :class:`KeypointDetector` around one, loaded in place. ``None``: build the backbone the
-            keys describe (type, in_channels, K, levels; GroupNorm groups 8) in eval mode.
-        map_location: as in ``torch.load``.
-        trusted: ``False`` (default) loads with ``weights_only=True`` allowing only
-            ``argparse.Namespace`` and ``pathlib.PosixPath`` besides tensors (what the reference
-            stores in ``args``); ``True`` unpickles anything (``weights_only=False``): only for files
-            you trust.
-
-    Returns:
-        ``network`` (or the new backbone) with the weights loaded.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable, foreign or mismatching (architecture, K) checkpoint.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"KeyMorph checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath]):
-            container = torch.load(path, map_location=map_location, weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        reason = str(err).partition("WeightsUnpickler error:")[2].split(" Please use")[0].strip()
-        reason = (reason or str(err)).strip().splitlines()[0]
-        hint = (
-            ""
-            if trusted
-            else (
-                " (read with weights_only=True, which allows only tensors, argparse.Namespace and PosixPath;"
-                " for a checkpoint you trust pass trusted=True)"
-            )
-        )
-        raise ValueError(f"cannot unpickle {path}: {reason}{hint}") from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
-    if isinstance(container, Mapping) and "state_dict" in container:
-        state_dict = container["state_dict"]
-    else:
-        state_dict = container
-    if (
-        not isinstance(state_dict, Mapping)
-        or not state_dict
-        or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
-    ):
-        keys = list(container)[:6] if isinstance(container, Mapping) else type(container).__name__
-        raise ValueError(
-            f"{path} is not a KeyMorph checkpoint: expected a dict with a 'state_dict' of tensors, got {keys}"
-        )
-    state_dict = convert_keymorph_state_dict(state_dict)
-    if network is None:
-        network = _build_from_state_dict(state_dict).eval()
-        _load_strict(network, state_dict)
-        return network
-    _load_strict(network.backbone if isinstance(network, KeypointDetector) else network, state_dict)
-    return network

@@ -85,11 +85,20 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
     oneDNN convolutions, GroupNorm and pooling work in that order directly, without reordered copies of
     their inputs and outputs (faster, and far less peak memory at full resolution); their outputs keep it.
-    A single-channel tensor has no distinct channels-last order, hence conversions after a first layer.
     """
     if x.device.type != "cpu":
         return x
     return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+
+
+def _pointwise(unit: Convolution, x: torch.Tensor) -> torch.Tensor:
+    """A ``1^n`` convolution ``unit`` (``conv_only``) applied as the equivalent linear map over channels.
+
+    The result is in channels-last order. Used for the image projection: oneDNN would pad a single-channel
+    input to its blocked layout (16 times the image's memory at full resolution).
+    """
+    conv = unit.conv
+    return F.linear(x.contiguous().movedim(1, -1), conv.weight.flatten(1), conv.bias).movedim(-1, 1)
 
 
 def _pad_odd_to_even(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +172,7 @@ class SITRegEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skip = _channels_last(self.initial_projection(x))
+        skip = _pointwise(self.initial_projection, x)
         out = self.initial_block(skip)
         levels = [out]
         for block in self.down_blocks:
@@ -173,9 +182,10 @@ class SITRegEncoder(nn.Module):
 
     def finest(self, x: torch.Tensor) -> torch.Tensor:
         """Level-0 features alone, ``(B, features[0], *spatial)``: the same as ``forward(x)[0]``."""
-        out = _channels_last(self.initial_projection(x))
-        for convolution in self.initial_block:  # one at a time, so that each input is released after use
-            out = convolution(out)
+        out = _pointwise(self.initial_projection, x)
+        for convolution in self.initial_block:
+            for layer in convolution:  # conv, then norm + activation: each input is released after use
+                out = layer(out)
         return out
 
 
