@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from monai_ext.spatial import sampling
 from monai_ext.spatial.affine import transform_points
 from monai_ext.spatial.sampling import affine_to_ddf, check_ddf, compose, sample, sample_points, voxel_grid, warp
 
@@ -311,3 +312,19 @@ def test_errors_are_value_errors_naming_the_argument():
         affine_to_ddf(torch.eye(4)[None], (4, 4))
     with pytest.raises(TypeError, match="ddf must be a torch.Tensor"):
         check_ddf([[0.0]])
+
+
+def test_threaded_point_chunks_equal_single_thread_sampling():
+    """A single 3-D volume is sampled in per-thread chunks of points; every value must equal the 1-thread result."""
+    threads = torch.get_num_threads()
+    volume = torch.rand(1, 2, 40, 40, 44, dtype=torch.float64)
+    coords = voxel_grid((40, 40, 44), torch.float64)[None] + 3 * torch.randn(1, 3, 40, 40, 44, dtype=torch.float64)
+    try:
+        torch.set_num_threads(1)
+        single = sample(volume, coords)
+        torch.set_num_threads(4)  # 70400 points, at least 2^15 points per chunk: the chunked path with 2 chunks
+        assert sampling._point_chunks(volume, 1, coords[0, 0].numel()) == 2
+        chunked = sample(volume, coords)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, chunked)

@@ -540,3 +540,16 @@ def test_checkpoint_key_mapping_affine_and_null_levels():
     assert set(converted) == {k for k in model.state_dict() if k.startswith("affine_head.")}
     for name, value in converted.items():
         assert torch.equal(value, model.state_dict()[name])
+
+
+def test_slab_wise_deformation_block_equals_whole_volume(monkeypatch):
+    """Without autograd a large level is evaluated in slabs with a halo; the result is bit-identical."""
+    import monai_ext.networks.sitreg as sitreg_module
+
+    block = sitreg_module.SITRegDeformationBlock(3, 4, 8, 2, upsampling_factor=1).eval()
+    a, b = torch.rand(1, 4, 23, 10, 12), torch.rand(1, 4, 23, 10, 12)
+    with torch.no_grad():
+        whole = block(a, b)
+        monkeypatch.setattr(sitreg_module, "_SLAB_ELEMENTS", 8 * 10 * 12 * 5)  # slabs of 5 slices (+ halo 2)
+        slabbed = block(a, b)
+    assert torch.equal(whole, slabbed)
