@@ -43,8 +43,7 @@ def test_keypoint_detector_trace_saved_and_reloaded(tmp_path):
         assert not torch.allclose(loaded(x1), loaded(torch.rand(1, 1, 32, 32)))  # not a constant
 
 
-def test_keypoint_detector_onnx(tmp_path):
-    pytest.importorskip("onnx")
+def test_keypoint_detector_onnx(tmp_path):  # onnx comes with the dev extra
     detector = _detector()
     path = export_onnx(detector, torch.rand(1, 1, 32, 32), tmp_path / "detector.onnx", [torch.rand(1, 1, 32, 32)])
     assert path.is_file() and path.stat().st_size > 0

@@ -6,12 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
-
-mlflow = pytest.importorskip("mlflow")
-
-from monai.bundle import ConfigWorkflow  # noqa: E402
-from monai.utils import path_to_sqlite_uri  # noqa: E402
+from monai.bundle import ConfigWorkflow
+from monai.utils import path_to_sqlite_uri
 
 from monai_ext.data.synthesis import write_synthetic_oasis  # noqa: E402
 from monai_ext.tracking import TrackingHandler, config_params, settings, write_settings  # noqa: E402
