@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
-from monai_ext.engines.registration import forward_and_inverse, to_device
+from monai_ext.engines.registration import forward_and_inverse, pair_from_batch
 
 __all__ = ["PairLoss", "SymmetricPairLoss", "InstanceOptimization"]
 
@@ -164,11 +164,7 @@ class InstanceOptimization:
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> Any:
         if self.steps == 0:
             return self.iteration(engine, batchdata)
-        if batchdata is None:
-            raise ValueError("batchdata must not be None")
-        moving, fixed, moving_mask, fixed_mask = to_device(engine, batchdata, self.keys)
-        if moving is None or fixed is None:
-            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        moving, fixed, moving_mask, fixed_mask = pair_from_batch(engine, batchdata, self.keys)
         original = engine.network
         engine.network = self.optimize(original, moving, fixed, moving_mask, fixed_mask)
         try:

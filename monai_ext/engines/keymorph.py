@@ -37,7 +37,7 @@ from monai_ext.data.keymorph_augmentation import (
     check_max_params,
     random_keymorph_affine,
 )
-from monai_ext.engines.registration import as_loss_terms, backward_and_step, to_device
+from monai_ext.engines.registration import as_loss_terms, backward_and_step, pair_from_batch, to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
 from monai_ext.networks.keymorph import fit_keypoint_transform, normalized_to_voxels, parse_alignment
 from monai_ext.spatial.affine import transform_points
@@ -462,11 +462,7 @@ class KeyMorphInferenceIteration:
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("batchdata must not be None")
-        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
-        if moving is None or fixed is None:
-            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        moving, fixed, moving_label, fixed_label = pair_from_batch(engine, batchdata, self.keys)
         model = getattr(engine.network, "module", engine.network)
         if not hasattr(model, "register"):
             raise ValueError(f"engine.network must be a KeyMorph (with register), got {type(model).__name__}")

@@ -50,6 +50,7 @@ __all__ = [
     "SymmetricPairNetwork",
     "forward_and_inverse",
     "to_device",
+    "pair_from_batch",
     "as_loss_terms",
     "backward_and_step",
     "RegistrationTrainIteration",
@@ -112,6 +113,18 @@ def to_device(engine: Any, batch: Mapping[str, Any], keys: Sequence[str | None])
     return out
 
 
+def pair_from_batch(
+    engine: Any, batchdata: Mapping[str, Any] | None, keys: Sequence[str | None]
+) -> list[torch.Tensor | None]:
+    """:func:`to_device` of ``keys`` = (moving, fixed, ...) with a clear error when the batch lacks either image."""
+    if batchdata is None:
+        raise ValueError("batchdata must not be None")
+    tensors = to_device(engine, batchdata, keys)
+    if tensors[0] is None or tensors[1] is None:
+        raise ValueError(f"batch must contain {keys[0]!r} and {keys[1]!r}, got keys {sorted(batchdata)}")
+    return tensors
+
+
 def as_loss_terms(terms: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
     """A loss function's result as a dict holding the total under ``"loss"`` (a bare tensor is the total)."""
     if not isinstance(terms, Mapping):
@@ -165,13 +178,9 @@ class RegistrationTrainIteration:
         self.keys = (moving_key, fixed_key, moving_mask_key, fixed_mask_key)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("batchdata must not be None")
         if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
             raise ValueError("RegistrationTrainIteration supports neither amp nor accumulation_steps > 1")
-        moving, fixed, moving_mask, fixed_mask = to_device(engine, batchdata, self.keys)
-        if moving is None or fixed is None:
-            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        moving, fixed, moving_mask, fixed_mask = pair_from_batch(engine, batchdata, self.keys)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
@@ -216,11 +225,7 @@ class RegistrationEvalIteration:
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("batchdata must not be None")
-        moving, fixed, moving_label, fixed_label = to_device(engine, batchdata, self.keys)
-        if moving is None or fixed is None:
-            raise ValueError(f"batch must contain {self.keys[0]!r} and {self.keys[1]!r}, got keys {sorted(batchdata)}")
+        moving, fixed, moving_label, fixed_label = pair_from_batch(engine, batchdata, self.keys)
         engine.network.eval()
         with torch.no_grad():
             forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
