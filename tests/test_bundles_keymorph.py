@@ -227,6 +227,7 @@ def test_ixi_half_inference_pairwise_fixture_checkpoint(pair_folders, tmp_path):
         fixed_label=str(pair_folders / "fixed_seg" / "s1.nii.gz"),
         alignments=["rigid", "tps_0"],
         qa_png=True,
+        instance_optimization_steps=2,  # the detector is tuned on the pair first (KeyMorphPairLoss on "rigid")
     )
     assert sorted(p.name for p in out.iterdir()) == ["s1__s1"]
     for name in ("s1",):

@@ -15,7 +15,9 @@ runs the wrapped iteration with the copy and puts the original network back, so 
 trained weights and the trained network is never modified. Only the weights change, not the architecture:
 SITReg's symmetry, inverse consistency and topology preservation hold for the optimised copy as for any
 weights. The pair loss is pluggable: any ``pair_loss(network, moving, fixed, moving_mask, fixed_mask)``
-returning a dict with a scalar ``"loss"``; :class:`SymmetricPairLoss` is the SITReg training objective.
+returning a dict with a scalar ``"loss"``; :class:`SymmetricPairLoss` is the SITReg training objective,
+:class:`KeyMorphPairLoss` KeyMorph's unsupervised one (the keypoint detector is tuned; the closed-form
+alignment stays the same).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import torch
 from monai.data import MetaTensor
 
 from monai_ext.engines.registration import forward_and_inverse, pair_from_batch
+from monai_ext.spatial.sampling import warp
 
-__all__ = ["PairLoss", "SymmetricPairLoss", "InstanceOptimization"]
+__all__ = ["PairLoss", "SymmetricPairLoss", "KeyMorphPairLoss", "InstanceOptimization"]
 
 PairLoss = Callable[
     [torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
@@ -73,6 +76,32 @@ class SymmetricPairLoss:
             moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask
         )
         return dict(terms) if isinstance(terms, Mapping) else {"loss": terms}
+
+
+class KeyMorphPairLoss:
+    """Unsupervised KeyMorph pair loss: ``image_loss(warp(moving, ddf), fixed)`` for one alignment.
+
+    Args:
+        alignment: the alignment whose DDF is optimised (``affine``, ``rigid``, ``tps_<lambda>``).
+        image_loss: ``(warped moving, fixed) -> scalar``; default MSE (KeyMorph's unsupervised loss); use
+            :class:`monai_ext.losses.similarity.LocalNormalizedCrossCorrelation` for multi-contrast pairs.
+    """
+
+    def __init__(self, alignment: str = "affine", image_loss: Callable[..., torch.Tensor] | None = None) -> None:
+        self.alignment = alignment
+        self.image_loss = torch.nn.MSELoss() if image_loss is None else image_loss
+
+    def __call__(
+        self,
+        network: torch.nn.Module,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_mask: torch.Tensor | None = None,
+        fixed_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``moving``, ``fixed`` ``(B, C, D, H, W)``; ``network`` a :class:`~monai_ext.networks.keymorph.KeyMorph`."""
+        ddf = network.register(moving, fixed, [self.alignment])[self.alignment]["ddf"]
+        return {"loss": self.image_loss(warp(moving, ddf), fixed)}
 
 
 def _plain(tensor: torch.Tensor | None) -> torch.Tensor | None:
