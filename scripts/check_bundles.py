@@ -16,7 +16,9 @@ Per bundle (no check is skipped; a missing file is a failure):
 * large_files: ``large_files.yml`` (or ``.yaml`` / ``.json``) exists with a ``large_files`` list for ``monai.bundle
   download_large_files`` (empty while a bundle has no published weights; its docs say so). Every entry has
   ``path`` (inside the bundle) and ``url``; ``hash_val`` and ``hash_type`` (md5, sha1, sha256 or sha512) come
-  together, and only an entry whose publisher gives no checksum may omit both;
+  together, and only an entry whose publisher gives no checksum may omit both. An empty ``url`` marks a file
+  shipped inside the bundle (weights trained by this project): it must exist and match its hash, which is what
+  ``download_large_files`` then checks before skipping the download;
 * net_in_out: ``monai.bundle.verify_net_in_out("network_def", ...)`` with ``configs/inference.json`` on CPU
   (a random ``image`` of the declared channels and shape, ``"*n"`` sizes with ``n``; checks ``pred``'s
   channel count and dtype).
@@ -89,9 +91,8 @@ def check_bundle(
         if not isinstance(entries, list):
             raise ValueError(f"{found[0].name} has no 'large_files' list")
         for entry in entries:
-            missing = [k for k in ("path", "url") if not entry.get(k)]
-            if missing:
-                raise ValueError(f"{found[0].name} entry {entry.get('path')!r} lacks {', '.join(missing)}")
+            if not entry.get("path") or "url" not in entry:
+                raise ValueError(f"{found[0].name} entry {entry.get('path')!r} needs a path and a url")
             if bool(entry.get("hash_val")) != bool(entry.get("hash_type")):
                 raise ValueError(f"{found[0].name} entry {entry['path']!r}: hash_val and hash_type go together")
             if entry.get("hash_type") and entry["hash_type"] not in HASH_TYPES:
@@ -99,6 +100,13 @@ def check_bundle(
             target = (bundle_dir / entry["path"]).resolve()
             if not target.is_relative_to(bundle_dir.resolve()):
                 raise ValueError(f"{found[0].name} entry path {entry['path']!r} leaves the bundle")
+            if not entry["url"]:  # shipped inside the bundle: it must be there, with the recorded checksum
+                if not (entry.get("hash_val") and target.is_file()):
+                    raise ValueError(f"{found[0].name} entry {entry['path']!r}: an empty url means the file ships "
+                                     "in the bundle with its hash_val, but it or its hash is missing")
+                digest = hashlib.new(entry["hash_type"], target.read_bytes()).hexdigest()
+                if digest != entry["hash_val"]:
+                    raise ValueError(f"{entry['path']}: {entry['hash_type']} {digest} differs from large_files' {entry['hash_val']}")
 
     def net_in_out() -> None:
         verify_net_in_out(

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from monai_ext.cli import InputError, bundle_path, main, pair_files
-from monai_ext.demo import demo_affine, write_demo_pair
+from synthetic_pair import test_affine as demo_affine
+from synthetic_pair import write_synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 16)
@@ -42,7 +43,7 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> st
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory) -> dict[str, Path]:
-    return write_demo_pair(tmp_path_factory.mktemp("pair"), SHAPE, seed=3)
+    return write_synthetic_pair(tmp_path_factory.mktemp("pair"), SHAPE, seed=3)
 
 
 def test_bundle_path_by_name_or_folder():

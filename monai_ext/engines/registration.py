@@ -54,8 +54,10 @@ __all__ = [
     "as_loss_terms",
     "backward_and_step",
     "RegistrationTrainIteration",
+    "LabelRegistrationTrainIteration",
     "RegistrationEvalIteration",
     "RegistrationMetrics",
+    "pooled_onehot",
     "label_overlap",
     "pair_metrics",
 ]
@@ -200,6 +202,108 @@ class RegistrationTrainIteration:
         return engine.state.output
 
 
+def pooled_onehot(label: torch.Tensor, num_classes: int, shape: Sequence[int]) -> torch.Tensor:
+    """One-hot of an integer label map ``(B, 1, *spatial)`` average-pooled onto the grid ``shape`` that
+    ceil-halves ``spatial`` ``t`` times: ``(B, num_classes, *shape)`` float32, voxel ``j`` holding the
+    fraction of input voxels ``2^t j .. 2^t (j + 1) - 1`` per class (voxels past the input's end, where the
+    halving rounded up, count as none: as zero padding then average pooling, as the SITReg encoder does).
+
+    Counted with one ``bincount`` instead of materialising the full-resolution one-hot map.
+    """
+    spatial = tuple(label.shape[2:])
+    factor = 1
+    while tuple(-(-s // factor) for s in spatial) != tuple(shape):
+        factor *= 2
+        if factor > 2 * max(spatial):
+            raise ValueError(f"shape {tuple(shape)} is not a ceil-halving of {spatial}")
+    batch, cells = label.shape[0], math.prod(shape)
+    index = torch.zeros(spatial, dtype=torch.long, device=label.device)
+    stride = 1
+    for axis in reversed(range(len(spatial))):
+        coarse = torch.arange(spatial[axis], device=label.device) // factor
+        index += (coarse * stride).view(*([1] * axis), -1, *([1] * (len(spatial) - axis - 1)))
+        stride *= shape[axis]
+    flat = label[:, 0].long() * cells + index + (torch.arange(batch, device=label.device) * num_classes * cells).view(
+        -1, *([1] * len(spatial))
+    )
+    counts = torch.bincount(flat.flatten(), minlength=batch * num_classes * cells)
+    return counts.view(batch, num_classes, *shape).float() / factor ** len(spatial)
+
+
+class LabelRegistrationTrainIteration:
+    """``iteration_update`` for ``SupervisedTrainer``: a symmetric training step driven by label maps.
+
+    As SynthMorph (Hoffmann et al., IEEE TMI 2022) the images only feed the network; the loss compares the
+    warped *label maps*, which makes training independent of the images' contrast. The network's
+    ``forward_and_inverse(moving, fixed, full_resolution=False)`` gives the DDFs on its transformation grid
+    (:class:`monai_ext.networks.sitreg.SITReg` with ``transformation_downsampling_factor``); the one-hot label
+    maps ``(B, num_classes, *spatial)`` are average-pooled to that grid (soft partial-volume labels) and
+    ``engine.loss_function(moving_onehot, fixed_onehot, forward_ddf, inverse_ddf)`` is evaluated there,
+    e.g. :class:`monai_ext.losses.symmetric.SymmetricRegistrationLoss` with MONAI's ``DiceLoss`` as the
+    similarity (soft Dice of the linearly warped one-hot maps). Evaluating the loss on the coarse grid keeps
+    the step cheap: the warp of ``num_classes`` channels costs as much as ``num_classes / 3`` compositions.
+
+    Batches hold the images ``(B, C, *spatial)`` and integer label maps ``(B, 1, *spatial)`` with values in
+    ``0..num_classes - 1``. ``engine.state.output`` is as :class:`RegistrationTrainIteration`'s (DDFs on the
+    transformation grid).
+
+    Args:
+        num_classes: number of label values including background 0.
+        moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+    ) -> None:
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and one label), got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+
+    def _onehot(self, label: torch.Tensor | None, key: str, shape: Sequence[int]) -> torch.Tensor:
+        if label is None:
+            raise ValueError(f"batch must contain the label map {key!r}")
+        if label.is_floating_point() or label.ndim < 4 or label.shape[1] != 1:
+            raise ValueError(f"{key} must be an integer (B, 1, *spatial) label map, got {label.dtype} {tuple(label.shape)}")
+        if int(label.min()) < 0 or int(label.max()) >= self.num_classes:
+            raise ValueError(f"{key} values must lie in 0..{self.num_classes - 1}, got {int(label.min())}..{int(label.max())}")
+        return pooled_onehot(label, self.num_classes, shape)
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError("LabelRegistrationTrainIteration supports neither amp nor accumulation_steps > 1")
+        moving, fixed, moving_label, fixed_label = pair_from_batch(engine, batchdata, self.keys)
+        network = engine.network
+        if not hasattr(network, "forward_and_inverse"):
+            raise TypeError(f"{type(network).__name__} has no forward_and_inverse(moving, fixed, full_resolution=...)")
+        network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        forward_ddf, inverse_ddf = network.forward_and_inverse(moving, fixed, full_resolution=False)
+        engine.state.output = {
+            self.keys[0]: moving,
+            self.keys[1]: fixed,
+            "forward_ddf": forward_ddf,
+            "inverse_ddf": inverse_ddf,
+            Keys.PRED: forward_ddf,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        shape = forward_ddf.shape[2:]
+        terms = engine.loss_function(
+            self._onehot(moving_label, self.keys[2], shape),
+            self._onehot(fixed_label, self.keys[3], shape),
+            forward_ddf,
+            inverse_ddf,
+        )
+        backward_and_step(engine, as_loss_terms(terms))
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
 class RegistrationEvalIteration:
     """``iteration_update`` for ``SupervisedEvaluator``: DDFs, warped images and warped label maps of a pair.
 
@@ -318,7 +422,8 @@ def pair_metrics(
     ``moving_label`` / ``fixed_label`` ``(1, *spatial)`` with ``moving_label_warped`` / ``fixed_label_warped``,
     and ``moving_name`` / ``fixed_name`` (else the images' file names, else ``pair<index>``).
 
-    Returns ``moving_name``, ``fixed_name``; with labels ``dice_before`` (moving vs fixed labels unregistered),
+    Returns ``moving_name``, ``fixed_name``; with labels ``num_labels`` (how many label values the Dice
+    columns average over), ``dice_before`` (moving vs fixed labels unregistered),
     ``dice``, ``dice_label_<l>``, ``dice_inverse`` (and ``hd95``, ``hd95_inverse``), see :func:`label_overlap`;
     ``folding_fraction``, ``sdlogj``, ``ndv`` (3-D, else NaN) of ``forward_ddf``, and with ``inverse_ddf``
     ``ic_mse`` / ``ic_max`` (voxels), see :mod:`monai_ext.metrics.deformation`. ``labels`` defaults to the
@@ -346,6 +451,7 @@ def pair_metrics(
             present = torch.cat([moving_label.flatten(), fixed_label.flatten()]).round().long().unique()
             labels = [int(v) for v in present if v != 0]
         if labels:
+            row["num_labels"] = len(labels)
             if moving_label.shape == fixed_label.shape:
                 row["dice_before"] = label_overlap(moving_label, fixed_label, labels, "_before")["dice_before"]
             for suffix, warped, target in (

@@ -1,0 +1,203 @@
+"""Benchmark: the shipped SITReg brain model beside ANTs SyN on held-out brain pairs, in one table.
+
+    pip install -e ".[bench]"            # antspyx
+    python scripts/benchmark_brain.py --label_maps /path/to/synthseg_label_maps [--threads 2] [--quick]
+
+Pairs (never seen in training): ``training_seg_09`` <-> ``training_seg_10`` in both directions, and each of
+09 / 10 (moving) against every training map (fixed), each in two contrasts: T1-like and random
+(:func:`monai_ext.data.synthbrain.render_pair`: skull-stripped images synthesised from the real label maps,
+each on a 2 mm 88x104x88 RAS grid centred on its brain). ``--quick`` keeps 09 <-> 10 and two training maps.
+
+Methods, all on the same 2 mm images (ANTs gets both images in one physical space, so both methods start
+from the same centroid alignment):
+
+* ``ours``: ``bundles/sitreg_brain`` network and weights (``models/model.pt``), one forward + inverse pass;
+* ``ants_default``: ``ants.registration(type_of_transform="SyN")`` with antspyx defaults (affine + SyN, MI);
+* ``ants_strong``: ``type_of_transform="SyN"``, ``syn_metric="CC"``, ``syn_sampling=4`` (CC radius 4),
+  ``reg_iterations=(100, 70, 50, 20)``;
+* ``identity``: no registration.
+
+Columns (means over pairs): Dice over the 31 standard FreeSurfer brain structures of both hemispheres
+(:data:`monai_ext.data.synthbrain.BRAIN_LABELS`), HD95 in mm (MONAI, mean over structures), % of voxels
+with a non-positive Jacobian determinant, SDlogJ, inverse consistency (mean absolute component of
+phi_f o phi_i - id in voxels, on the forward and inverse fields each method returns), seconds per pair (the registration alone), and the
+peak resident memory of the process running the method (each method runs in its own subprocess).
+Each method's per-pair rows are cached in ``--cache`` (JSON, keyed by method and pair) when given, so a
+rerun only computes what is missing; ``--refresh METHOD`` recomputes one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("identity", "ours", "ants_default", "ants_strong")
+SHAPE, SPACING = (88, 104, 88), 2.0
+
+
+def _pairs(label_maps: str, quick: bool) -> list[tuple[str, str, str]]:
+    from monai_ext.data.synthbrain import label_map_files
+
+    train = [Path(p).name.split(".")[0] for p in label_map_files(label_maps, "train")]
+    held = [Path(p).name.split(".")[0] for p in label_map_files(label_maps, "validate")]
+    fixed_maps = train[:2] if quick else train
+    names = [(held[0], held[1]), (held[1], held[0])] + [(h, t) for h in held for t in fixed_maps]
+    return [(m, f, c) for c in ("t1", "random") for m, f in names]
+
+
+def _render(label_maps: str, moving: str, fixed: str, contrast: str) -> dict:
+    import torch
+
+    from monai_ext.data.synthbrain import load_brain_label_map, render_pair
+
+    maps = {name: load_brain_label_map(Path(label_maps) / f"{name}.nii.gz") for name in (moving, fixed)}
+    seed = sum(ord(c) for c in moving + fixed + contrast)
+    return render_pair(maps[moving], maps[fixed], SHAPE, SPACING, contrast == "t1", torch.Generator().manual_seed(seed))
+
+
+def _metrics(pair: dict, forward_ddf, inverse_ddf, seconds: float) -> dict:
+    """Scores of voxel DDFs ``(1, 3, *SHAPE)`` on the fixed / moving model grids."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    from monai_ext.data.synthbrain import BRAIN_LABELS
+    from monai_ext.engines.registration import label_overlap
+    from monai_ext.metrics.deformation import folding_fraction, inverse_consistency_error, sdlogj
+    from monai_ext.spatial.sampling import warp
+
+    labels = list(range(1, len(BRAIN_LABELS) + 1))
+    warped = warp(pair["moving_label"][None], forward_ddf, mode="nearest", padding="zeros")
+    fixed = pair["fixed_label"][None]
+    row = {"dice": label_overlap(warped, fixed, labels)["dice"]}
+    values = torch.tensor(labels).view(1, -1, 1, 1, 1)
+    pred, ref = (warped == values).float(), (fixed == values).float()
+    both = (pred.flatten(2).any(-1) & ref.flatten(2).any(-1))[0]
+    hd95 = compute_hausdorff_distance(pred[:, both], ref[:, both], include_background=True, percentile=95)
+    row["hd95_mm"] = float(hd95.nanmean()) * SPACING
+    ddf = forward_ddf.double()
+    row["folding_percent"] = 100 * float(folding_fraction(ddf)[0])
+    row["sdlogj"] = float(sdlogj(ddf)[0])
+    row["ic_voxels"] = float(inverse_consistency_error(ddf, inverse_ddf.double())["mae"][0])
+    row["seconds"] = seconds
+    return row
+
+
+def _run_ours(pair: dict, network) -> dict:
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        forward_ddf, inverse_ddf = network.forward_and_inverse(pair["moving_image"][None], pair["fixed_image"][None])
+    return _metrics(pair, forward_ddf, inverse_ddf, time.perf_counter() - start)
+
+
+def _ants_field(path: str):
+    """An ANTs displacement field (physical mm along the axes of our identity-direction images) -> voxel DDF."""
+    import ants
+    import torch
+
+    field = ants.image_read(path).numpy()  # (X, Y, Z, 3)
+    return torch.from_numpy(field).movedim(-1, 0)[None].float() / SPACING
+
+
+def _run_ants(pair: dict, strong: bool) -> dict:
+    import ants
+
+    def image(tensor):
+        return ants.from_numpy(tensor[0].numpy().astype("float32"), spacing=(SPACING,) * 3)
+
+    fixed, moving = image(pair["fixed_image"]), image(pair["moving_image"])
+    options = {"syn_metric": "CC", "syn_sampling": 4, "reg_iterations": (100, 70, 50, 20)} if strong else {}
+    start = time.perf_counter()
+    result = ants.registration(fixed, moving, type_of_transform="SyN", **options)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        forward = ants.apply_transforms(fixed, moving, result["fwdtransforms"], compose=os.path.join(tmp, "fwd_"))
+        inverse = ants.apply_transforms(
+            moving, fixed, result["invtransforms"], whichtoinvert=[True, False], compose=os.path.join(tmp, "inv_")
+        )
+        forward_ddf, inverse_ddf = _ants_field(forward), _ants_field(inverse)
+    return _metrics(pair, forward_ddf, inverse_ddf, seconds)
+
+
+def _child(method: str, label_maps: str, pairs: list[list[str]], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    network = None
+    if method == "ours":
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / "sitreg_brain" / "configs" / "inference.json"))
+        network = parser.get_parsed_content("network_def").eval()
+        network.load_state_dict(torch.load(REPO / "bundles" / "sitreg_brain" / "models" / "model.pt", weights_only=True))
+    rows = {}
+    for moving, fixed, contrast in pairs:
+        pair = _render(label_maps, moving, fixed, contrast)
+        if method == "identity":
+            zero = torch.zeros(1, 3, *SHAPE)
+            row = _metrics(pair, zero, zero, 0.0)
+        elif method == "ours":
+            row = _run_ours(pair, network)
+        else:
+            row = _run_ants(pair, strong=method == "ants_strong")
+        rows["|".join((moving, fixed, contrast))] = row
+        print(json.dumps({"progress": [moving, fixed, contrast, row["dice"]]}), file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(json.dumps({"rows": rows, "peak_rss_gb": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label_maps", required=True, help="folder of the SynthSeg training label maps (1 mm)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="09 <-> 10 and two training maps only")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cache", default=None, help="JSON file of per-pair rows reused across runs")
+    parser.add_argument("--refresh", nargs="*", default=[], choices=METHODS, help="methods to recompute")
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_pairs", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        _child(args._child, args.label_maps, json.loads(args._pairs), args.threads)
+        return
+    pairs = _pairs(args.label_maps, args.quick)
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).is_file() else {}
+    results = {}
+    for method in args.methods:
+        stored = {} if method in args.refresh else cache.get(method, {"rows": {}})
+        missing = [p for p in pairs if "|".join(p) not in stored["rows"]]
+        if missing:
+            command = [sys.executable, __file__, "--_child", method, "--label_maps", args.label_maps]
+            command += ["--threads", str(args.threads), "--_pairs", json.dumps(missing)]
+            output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+            fresh = json.loads(output.strip().splitlines()[-1])
+            stored = {"rows": {**stored.get("rows", {}), **fresh["rows"]}, "peak_rss_gb": fresh["peak_rss_gb"]}
+        cache[method] = stored
+        results[method] = stored
+        if args.cache:
+            Path(args.cache).write_text(json.dumps(cache, indent=1))
+    columns = ("dice", "hd95_mm", "folding_percent", "sdlogj", "ic_voxels", "seconds")
+    print(f"{len(pairs) // 2} pairs x 2 contrasts at 2 mm, {args.threads} threads")
+    print(f"| method | contrast | {' | '.join(columns)} | peak RSS GB |")
+    print("|---" * (len(columns) + 3) + "|")
+    for method in args.methods:
+        for contrast in ("t1", "random"):
+            rows = [results[method]["rows"]["|".join(p)] for p in pairs if p[2] == contrast]
+            means = [sum(r.get(c, float("nan")) for r in rows) / len(rows) for c in columns]
+            cells = " | ".join(f"{v:.3f}" if c != "seconds" else f"{v:.2f}" for c, v in zip(columns, means))
+            print(f"| {method} | {contrast} | {cells} | {results[method].get('peak_rss_gb', float('nan')):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

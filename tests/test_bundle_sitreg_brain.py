@@ -1,0 +1,144 @@
+"""The SITReg brain bundle: label-driven training step, train.json (tiny, resumable), shipped weights, demo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.losses import DiceLoss
+
+from monai_ext.data.synthbrain import BRAIN_LABELS, SynthBrainPairDataset
+from monai_ext.demo import DEMO_DATA
+from monai_ext.engines.registration import LabelRegistrationTrainIteration, pooled_onehot
+from monai_ext.losses.regularization import GradientDeformationLoss
+from monai_ext.losses.symmetric import SymmetricRegistrationLoss
+from monai_ext.networks.sitreg import SITReg
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "sitreg_brain"
+MAPS = sorted(DEMO_DATA.glob("training_seg_*_2mm.nii.gz"))
+NUM_CLASSES = len(BRAIN_LABELS) + 1
+
+
+def test_pooled_onehot_equals_pooling_the_full_onehot():
+    label = torch.randint(0, 5, (2, 1, 9, 6, 7))
+    onehot = torch.nn.functional.one_hot(label[:, 0], 5).movedim(-1, 1).float()
+    expected = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(onehot, (0, 1, 0, 0, 0, 1)), 2)
+    assert torch.equal(pooled_onehot(label, 5, (5, 3, 4)), expected)
+    assert torch.equal(pooled_onehot(label, 5, (9, 6, 7)), onehot)
+    assert torch.allclose(pooled_onehot(label, 5, (3, 2, 2)).sum(1)[:, :-1, :-1, :-1], torch.ones(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="not a ceil-halving"):
+        pooled_onehot(label, 5, (4, 3, 4))
+
+
+def _small_network() -> SITReg:
+    return SITReg(
+        3,
+        features=(4, 8, 8, 8),
+        feature_convolutions=(1, 1, 1, 1),
+        deformation_features=(None, 8, 8, 8),
+        deformation_convolutions=(None, 1, 1, 1),
+        transformation_downsampling_factor=2,
+    )
+
+
+def test_label_driven_training_lowers_the_dice_loss_of_a_pair():
+    torch.manual_seed(0)
+    dataset = SynthBrainPairDataset([str(m) for m in MAPS], shape=(32, 40, 32), spacing=5.0, pairs_per_epoch=1, seed=3)
+    network = _small_network()
+    loss = SymmetricRegistrationLoss(DiceLoss(include_background=False), {"grad": (GradientDeformationLoss(), 0.1)})
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=25,
+        train_data_loader=DataLoader([dataset[0]], batch_size=1),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 3e-3),
+        loss_function=loss,
+        iteration_update=LabelRegistrationTrainIteration(NUM_CLASSES),
+    )
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(float(engine.state.output[0]["loss"])))
+    trainer.run()
+    assert trainer.state.output[0]["forward_ddf"].shape == (3, 16, 20, 16)  # the transformation grid
+    assert losses[-1] < losses[0] - 0.03, losses
+
+
+def test_label_iteration_rejects_bad_labels():
+    network = _small_network()
+    iteration = LabelRegistrationTrainIteration(NUM_CLASSES)
+
+    class Engine:
+        pass
+
+    engine = Engine()
+    engine.network, engine.optim_set_to_none, engine.non_blocking = network, True, False
+    engine.optimizer = torch.optim.Adam(network.parameters())
+    engine.loss_function = SymmetricRegistrationLoss(DiceLoss(include_background=False))
+    engine.state = Engine()
+    engine.state.device = torch.device("cpu")
+    engine.fire_event = lambda event: None
+    image = torch.rand(1, 1, 16, 16, 16)
+    batch = {"moving_image": image, "fixed_image": image, "moving_label": torch.full((1, 1, 16, 16, 16), 40)}
+    batch["fixed_label"] = batch["moving_label"]
+    with pytest.raises(ValueError, match="values must lie in 0..31"):
+        iteration(engine, batch)
+    del batch["fixed_label"]
+    with pytest.raises(ValueError, match="label map 'fixed_label'"):
+        iteration(engine, batch)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        LabelRegistrationTrainIteration(1)
+
+
+@pytest.fixture()
+def label_folder(tmp_path) -> Path:
+    """Two training maps and the two held-out names (copies of the shipped 2 mm maps)."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for index, source in enumerate(MAPS):
+        shutil.copy(source, folder / f"subject_{index}.nii.gz")
+        shutil.copy(source, folder / f"training_seg_{9 + index:02d}.nii.gz")
+    return folder
+
+
+def _train(bundle_root: Path, label_folder: Path, max_epochs: int) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "dataset_dir": str(label_folder),
+            "shape": [24, 32, 24],
+            "spacing": 6.0,
+            "pairs_per_epoch": 2,
+            "max_epochs": max_epochs,
+            "num_workers": 0,
+            "network_def#features": [4, 8, 8, 8, 8],
+            "network_def#deformation_features": [None, 8, 8, 8, 8],
+        }
+    )
+    for expression in parser.get_parsed_content("initialize"):
+        pass
+    for expression in parser.get_parsed_content("run"):
+        pass
+    return parser
+
+
+def test_train_config_trains_validates_and_resumes(tmp_path, label_folder):
+    parser = _train(tmp_path, label_folder, max_epochs=1)
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1 and trainer.state.iteration == 2
+    summary = json.loads((tmp_path / "eval" / "validation" / "summary.json").read_text())
+    assert summary["metrics"]["dice"]["count"] == 4  # 09 <-> 10 in both directions, T1-like and random contrast
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "models" / "epochs").iterdir()) == ["checkpoint_epoch=1.pt"]
+    resumed = _train(tmp_path, label_folder, max_epochs=2).get_parsed_content("train#trainer")
+    assert resumed.state.epoch == 2 and resumed.state.iteration == 4  # continued, not restarted
