@@ -1,34 +1,51 @@
-"""Command-line front end, ``python -m monai_ext <command>`` (python-fire): thin wrappers over the bundles.
+"""Command-line front end, ``python -m monai_ext <command>``: thin wrappers over the bundles.
 
-Commands (every unknown ``--<config id> <value>`` flag is a bundle config override, as for
-``python -m monai.bundle run``, e.g. ``--instance_optimization_steps 50`` or ``--device "$torch.device('cpu')"``)::
+Commands::
 
-    python -m monai_ext register BUNDLE MOVING FIXED OUT [--moving_label M] [--fixed_label F] [--<id> value ...]
-    python -m monai_ext evaluate BUNDLE [--dataset_dir DIR] [--out DIR] [--<id> value ...]
-    python -m monai_ext demo [--out demo_out] [--shape 32,32,32] [--steps N] [--lr LR]
+    python -m monai_ext register BUNDLE MOVING FIXED OUT [--moving_label M --fixed_label F] [--overwrite]
+                                 [--no_weights] [--weights PATH] [--<config id> VALUE ...]
+    python -m monai_ext evaluate BUNDLE [--dataset_dir DIR] [--out DIR] [--<config id> VALUE ...]
+    python -m monai_ext demo [--out demo_out] [--seed 0] [--<config id> VALUE ...]
+    python -m monai_ext COMMAND [BUNDLE] --help       # every flag with its default (and the bundle's config ids)
 
 ``BUNDLE`` is a bundle folder or the name of one under this repository's ``bundles/`` (e.g. ``sitreg_oasis``).
-``register`` runs the bundle's ``configs/inference.json`` workflow with ``pairs`` and ``output_dir``
-overridden; ``evaluate`` runs ``configs/train.json`` + ``configs/evaluate.json`` (the bundle's test-set
-evaluation); ``demo`` is :func:`monai_ext.demo.demo`. Everything about the registration itself (preprocessing,
-network, weights, instance optimisation, written files) comes from the configs: this module only turns the
-command line into overrides, checks the input files up front, and reports progress and one line per pair.
+``register`` runs the bundle's ``configs/inference.json`` workflow with ``pairs`` and ``output_dir`` overridden;
+``evaluate`` runs ``configs/train.json`` + ``configs/evaluate.json`` (the bundle's test-set evaluation); ``demo``
+is :func:`monai_ext.demo.demo`. Everything about the registration itself (preprocessing, network, weights,
+instance optimisation, written files) comes from the configs: this module turns the command line into
+overrides, checks every input and the output location before any compute, and reports one line per pair.
+
+Flags are ``--name VALUE``, ``--name=VALUE`` or, for a boolean, ``--name`` alone (true). Values are read as
+Python literals (python-fire's parser: ``[8,8]``, ``None``, ``1e-4``; anything else stays a string). A flag that
+is neither a parameter of the command nor a config id of the bundle (``--instance_optimization_steps 50``,
+``--network_def#features "[8,8]"``) is an error naming the valid ones; so is a boolean (a flag or a config id
+whose value is ``true`` / ``false``) given anything but true / false, yes / no, on / off or 1 / 0 (any case).
 
 MOVING / FIXED are two image files (one pair) or two folders, paired by file name (``a.nii.gz`` in MOVING with
 ``a.nii.gz`` in FIXED); an image is never registered to itself. Label maps (``--moving_label`` /
-``--fixed_label``, files or folders named like their images) add Dice before / after to the summary.
+``--fixed_label``, files or folders named like their images) add Dice before / after to the summary. The same
+flags serve SITReg and KeyMorph bundles: ``--no_weights`` registers without trained weights (SITReg:
+``load_pretrained=False``; KeyMorph: ``checkpoint=""``; add ``--instance_optimization_steps N`` to optimise the
+network on each pair first) and ``--weights PATH`` uses another weights file.
 
-Bad input (a missing or unreadable file, an image of the wrong dimensionality, non-finite voxels, a label map
-whose grid differs from its image's, a self pair) is reported as ``error: <message>`` with exit status 2
-before anything is written.
+Bad input (a missing or unreadable file, an image of the wrong dimensionality, non-finite or constant voxels, a
+label map whose grid differs from its image's, a self pair, an output location that is a file or not writable,
+an existing pair folder without ``--overwrite``, missing weights, an unknown flag or a bad value) is reported
+as one line ``error: <message>`` on stderr with exit status 2, before anything is computed or written. SIGINT
+and SIGTERM stop a command with one line on stderr and exit status 130 / 143; temporary files are removed and
+no partial output is left.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -40,12 +57,13 @@ from monai.data import decollate_batch
 from tqdm import tqdm  # a dependency of huggingface_hub, which this package requires
 
 from monai_ext.engines.registration import pair_metrics
-from monai_ext.io.native import load_image
-from monai_ext.io.outputs import pair_folder_name, summary_line
+from monai_ext.io.outputs import pair_folder_name, pair_folder_names, summary_line
+from monai_ext.io.validation import InputError, check_existing_outputs, check_output_dir, check_pairs
 
 __all__ = [
     "InputError",
     "IMAGE_SUFFIXES",
+    "as_bool",
     "bundle_path",
     "pair_files",
     "check_pair_images",
@@ -58,10 +76,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 _PAIR_KEYS = (("moving_image", "moving_label"), ("fixed_image", "fixed_label"))
-
-
-class InputError(ValueError):
-    """Bad command-line input: reported as ``error: <message>`` with exit status 2, without a traceback."""
 
 
 def bundle_path(bundle: str | os.PathLike) -> Path:
@@ -144,21 +158,26 @@ def pair_files(
 
 
 def check_pair_images(pairs: Sequence[Mapping[str, Any]], spatial_dims: int = 3) -> None:
-    """Read every file of ``pairs`` with :func:`monai_ext.io.native.load_image`; raise :class:`InputError` if any
-    is missing, unreadable, not ``spatial_dims``-D, non-finite, or a label map off its image's grid; also
-    refuse a pair whose moving and fixed image are the same file."""
-    for index, pair in enumerate(pairs):
-        if not isinstance(pair, Mapping) or not {"moving_image", "fixed_image"} <= set(pair):
-            raise InputError(f"pairs[{index}] must be a dict with moving_image and fixed_image, got {pair!r}")
-        if _same_file(Path(pair["moving_image"]), Path(pair["fixed_image"])):
-            raise InputError(f"pairs[{index}]: moving and fixed image are the same file {pair['moving_image']}")
-        try:
-            for image_key, label_key in _PAIR_KEYS:
-                image = load_image(pair[image_key], spatial_dims)
-                if pair.get(label_key) is not None:
-                    load_image(pair[label_key], spatial_dims, label=True, reference=image)
-        except (FileNotFoundError, ValueError) as err:
-            raise InputError(str(err)) from None
+    """Check every file of ``pairs`` (:func:`monai_ext.io.validation.check_pairs`); raise :class:`InputError` if any
+    is missing, unreadable, not ``spatial_dims``-D, non-finite, constant, or a label map off its image's grid, or
+    if a pair's moving and fixed image are the same file."""
+    check_pairs(pairs, spatial_dims)
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``value`` as a boolean: ``True`` / ``False``, ``1`` / ``0`` or the words true / false, yes / no, on / off
+    (any case); anything else raises :class:`InputError` naming ``name`` (e.g. ``--overwrite``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InputError(f"{name} takes true or false (also yes/no, on/off, 1/0, any case), got {value!r}")
 
 
 class _PairReport:
@@ -203,6 +222,55 @@ def _config_files(bundle_dir: Path, names: Sequence[str]) -> list[str]:
     return [str(f) for f in files]
 
 
+def _load_config(files: Sequence[str]) -> ConfigParser:
+    """The merged (unparsed) configs, later files overriding earlier ones, as ``monai.bundle`` merges them."""
+    parser = ConfigParser()
+    parser.read_config(list(files))
+    return parser
+
+
+def _settable_ids(parser: ConfigParser) -> list[str]:
+    """The config ids worth setting on the command line: top-level settings (not components, ``imports`` or
+    ``+`` merges) and the plain arguments of the network (``network_def#<arg>``)."""
+    config = parser.get()
+
+    def setting(value: Any) -> bool:
+        return not isinstance(value, dict) and not (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+    ids = [k for k, v in config.items() if not k.startswith(("_", "+")) and k not in ("imports", "run", "initialize")]
+    ids = [k for k in ids if setting(config[k])]
+    network = config.get("network_def")
+    if isinstance(network, dict):
+        ids += [f"network_def#{k}" for k, v in network.items() if not k.startswith("_") and setting(v)]
+    return sorted(ids)
+
+
+def _check_overrides(parser: ConfigParser, override: Mapping[str, Any], bundle_dir: Path, files: Sequence[str]) -> dict:
+    """Refuse override ids the configs do not have; read booleans of boolean config items (:func:`as_bool`)."""
+    checked = {}
+    for key, value in override.items():
+        if key != "bundle_root" and key not in parser:
+            names = ", ".join(Path(f).name for f in files)
+            valid = " ".join(f"--{k}" for k in _settable_ids(parser))
+            raise InputError(
+                f"unknown flag --{key}: not a flag of this command nor a config id of {bundle_dir.name} ({names}); "
+                f"config ids: {valid} (any nested id as --<id>#<key>)"
+            )
+        if key in parser and isinstance(parser.get(key), bool):
+            value = as_bool(value, f"--{key}")
+        checked[key] = value
+    return checked
+
+
+def _input_error(err: BaseException) -> InputError | None:
+    """The :class:`InputError` that ``err`` is or was raised from (MONAI wraps errors of config expressions)."""
+    while err is not None:
+        if isinstance(err, InputError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_bundle(
     bundle: str | os.PathLike,
     configs: Sequence[str],
@@ -211,9 +279,13 @@ def run_bundle(
 ) -> list[dict[str, Any]]:
     """Run a bundle workflow (``monai.bundle.create_workflow`` on ``configs`` with ``override``) with a report per pair.
 
-    Before anything runs: when the config has ``pairs``, every file is checked (:func:`check_pair_images`,
-    dimensionality from ``network_def#spatial_dims``); when it has ``load_pretrained`` true, ``ckpt_path`` must
-    exist. Then the ``engine_id`` evaluator gets a progress bar and a summary line per pair.
+    Before anything runs: every override must be a config id (booleans are read with :func:`as_bool`); when the
+    config has ``pairs``, every file is checked (:func:`monai_ext.io.validation.check_pairs`, dimensionality from
+    ``network_def#spatial_dims``); ``output_dir`` must be a writable folder location and, with ``pairs``, the pair
+    folders must not exist unless the config's ``overwrite`` is true; trained weights (``ckpt_path`` with
+    ``load_pretrained`` true, or a non-empty ``checkpoint``) must exist. Each failure raises :class:`InputError`,
+    also when the bundle's own checks (``check_pair_files``) fail inside the workflow. Then the ``engine_id``
+    evaluator gets a progress bar and a summary line per pair.
 
     Args:
         bundle: bundle folder or name (:func:`bundle_path`).
@@ -227,43 +299,75 @@ def run_bundle(
     """
     bundle_dir = bundle_path(bundle)
     files = _config_files(bundle_dir, configs)
+    override = _check_overrides(_load_config(files), override, bundle_dir, files)
     meta = bundle_dir / "configs" / "metadata.json"
     logging_conf = bundle_dir / "configs" / "logging.conf"
-    workflow = create_workflow(
-        config_file=files,
-        meta_file=str(meta) if meta.is_file() else None,
-        logging_file=str(logging_conf) if logging_conf.is_file() else None,
-        **{"bundle_root": str(bundle_dir), **override},
-    )
+    with warnings.catch_warnings():  # MONAI warns that configs run code: the user chose this bundle to run
+        warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+        workflow = create_workflow(
+            config_file=files,
+            meta_file=str(meta) if meta.is_file() else None,
+            logging_file=str(logging_conf) if logging_conf.is_file() else None,
+            **{"bundle_root": str(bundle_dir), **override},
+        )
     parser: ConfigParser = workflow.parser
     for key, value in override.items():  # create_workflow drops None values (e.g. --crop None); set them here
         if value is None:
             parser[key] = None
-    if "pairs" in parser:
-        check_pair_images(parser.get_parsed_content("pairs"), int(parser.get("network_def#spatial_dims", 3)))
-    if "load_pretrained" in parser and parser.get_parsed_content("load_pretrained") and "ckpt_path" in parser:
-        ckpt = Path(parser.get_parsed_content("ckpt_path"))
-        if not ckpt.is_file():
-            raise InputError(
-                f"trained weights not found: {ckpt} (train the bundle, or register without them: "
-                "--load_pretrained False --instance_optimization_steps N)"
-            )
+    _check_workflow_inputs(parser)
     _announce_weights(parser)
-    engine = parser.get_parsed_content(engine_id)  # cached: the workflow's run expression uses this object
-    output_dir = Path(parser.get_parsed_content("output_dir")) if "output_dir" in parser else None
-    report = _PairReport(len(engine.data_loader), output_dir)
-    engine.add_event_handler(Events.ITERATION_COMPLETED, report)
     try:
-        workflow.run()
-        workflow.finalize()
-    finally:
-        report.bar.close()
+        engine = parser.get_parsed_content(engine_id)  # cached: the workflow's run expression uses this object
+        output_dir = Path(parser.get_parsed_content("output_dir")) if "output_dir" in parser else None
+        report = _PairReport(len(engine.data_loader), output_dir)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, report)
+        try:
+            workflow.run()
+            workflow.finalize()
+        finally:
+            report.bar.close()
+    except Exception as err:
+        cause = _input_error(err)
+        if cause is None:
+            raise
+        raise cause from None
     return report.rows
 
 
+def _check_workflow_inputs(parser: ConfigParser) -> None:
+    """The up-front checks of :func:`run_bundle` on a workflow's parsed config."""
+    pairs = None
+    if "pairs" in parser:
+        pairs = parser.get_parsed_content("pairs")
+        check_pairs(pairs, int(parser.get("network_def#spatial_dims", 3)))
+    if "output_dir" in parser:
+        output_dir = parser.get_parsed_content("output_dir")
+        check_output_dir(output_dir)
+        if pairs:
+            overwrite = bool(parser.get_parsed_content("overwrite")) if "overwrite" in parser else False
+            check_existing_outputs(output_dir, pair_folder_names(pairs), overwrite)
+    if "load_pretrained" in parser and parser.get_parsed_content("load_pretrained") and "ckpt_path" in parser:
+        weights = str(parser.get_parsed_content("ckpt_path"))
+    elif "checkpoint" in parser:
+        weights = str(parser.get_parsed_content("checkpoint") or "")
+    else:
+        weights = ""
+    if weights and not Path(weights).is_file():
+        raise InputError(
+            f"trained weights not found: {weights} (train the bundle, give them with --weights PATH, or register "
+            "without them: --no_weights --instance_optimization_steps N)"
+        )
+
+
 def _announce_weights(parser: ConfigParser) -> None:
-    """Say so when a run uses no trained weights (``load_pretrained`` false), with or without instance optimisation."""
-    if "load_pretrained" not in parser or parser.get_parsed_content("load_pretrained"):
+    """Say so when a run uses no trained weights (``load_pretrained`` false or an empty ``checkpoint``)."""
+    if "load_pretrained" in parser:
+        untrained = not parser.get_parsed_content("load_pretrained")
+    elif "checkpoint" in parser:
+        untrained = not parser.get_parsed_content("checkpoint")
+    else:
+        untrained = False
+    if not untrained:
         return
     steps = parser.get_parsed_content("instance_optimization_steps") if "instance_optimization_steps" in parser else 0
     if steps:
@@ -295,25 +399,66 @@ def register(
     out: str,
     moving_label: str | None = None,
     fixed_label: str | None = None,
+    overwrite: bool = False,
+    no_weights: bool = False,
+    weights: str | None = None,
     config: str | Sequence[str] = (),
     **override: Any,
 ) -> list[dict[str, Any]]:
     """Register MOVING to FIXED with ``<bundle>/configs/inference.json`` and write the outputs into ``out``.
 
     Args:
-        bundle: bundle folder or name under ``bundles/``.
-        moving, fixed: two image files or two folders paired by file name (:func:`pair_files`).
-        out: output folder (the config's ``output_dir``): one sub-folder per pair, as the bundle writes it.
-        moving_label, fixed_label: optional label maps (files or folders) for Dice before / after.
+        bundle: bundle folder or name under ``bundles/`` (SITReg or KeyMorph, the same flags for both).
+        moving: moving image file, or a folder of images paired by file name with those of ``fixed``.
+        fixed: fixed image file or folder.
+        out: output folder (the config's ``output_dir``): one sub-folder ``<moving>__<fixed>`` per pair.
+        moving_label: moving label map (file or folder), for Dice before / after; give both or neither.
+        fixed_label: fixed label map (file or folder).
+        overwrite: write into existing pair folders, replacing only this package's output files (other files
+            are kept); without it an existing pair folder is an error.
+        no_weights: register without trained weights (random initial network); add
+            ``--instance_optimization_steps N`` to optimise the network on each pair first.
+        weights: trained weights file to use instead of the bundle's ``models/`` file.
         config: extra config files under ``<bundle>/configs`` merged after ``inference.json`` (e.g. ``demo.json``).
-        override: other config overrides, e.g. ``load_pretrained=False, instance_optimization_steps=50``.
+        override: other ``--<config id> VALUE`` overrides of the bundle's configs, e.g.
+            ``--instance_optimization_steps 50`` (``register BUNDLE --help`` lists the ids).
 
     Returns:
         the per-pair rows of :func:`run_bundle`.
     """
-    pairs = pair_files(moving, fixed, moving_label, fixed_label)
+    overwrite, no_weights = as_bool(overwrite, "--overwrite"), as_bool(no_weights, "--no_weights")
+    bundle_dir = bundle_path(bundle)
     extra = [config] if isinstance(config, str) else list(config)
-    rows = run_bundle(bundle, ["inference.json", *extra], {**override, "pairs": pairs, "output_dir": str(out)})
+    files = _config_files(bundle_dir, ["inference.json", *extra])
+    parser = _load_config(files)
+    override = _check_overrides(parser, override, bundle_dir, files)
+    pairs = pair_files(moving, fixed, moving_label, fixed_label)
+    check_output_dir(out)
+    flags: dict[str, Any] = {"pairs": pairs, "output_dir": str(out)}
+    if "overwrite" in parser:
+        flags["overwrite"] = overwrite
+    elif overwrite:
+        raise InputError(f"--overwrite: bundle {bundle_dir.name} has no 'overwrite' config id")
+    if no_weights and weights is not None:
+        raise InputError("give --no_weights or --weights PATH, not both")
+    if "load_pretrained" in parser:  # SITReg bundles
+        if no_weights:
+            flags["load_pretrained"] = False
+        elif weights is not None:
+            flags.update(load_pretrained=True, ckpt_path=str(weights))
+    elif "checkpoint" in parser:  # KeyMorph bundles
+        if no_weights or weights is not None:
+            flags["checkpoint"] = "" if no_weights else str(weights)
+    elif no_weights or weights is not None:
+        raise InputError(f"bundle {bundle_dir.name} has no weights setting (load_pretrained / checkpoint)")
+    if "moving" in parser and "fixed" in parser:  # KeyMorph bundles name their inputs too
+        flags.update(moving=str(moving), fixed=str(fixed))
+        if moving_label is not None:
+            flags.update(moving_label=str(moving_label), fixed_label=str(fixed_label))
+    clash = sorted(set(override) & {"pairs", "output_dir", "overwrite", "load_pretrained", "ckpt_path", "checkpoint"} & set(flags))
+    if clash:
+        raise InputError(f"--{clash[0]} is set by the register arguments; drop it")
+    rows = run_bundle(bundle_dir, ["inference.json", *extra], {**override, **flags})
     _print_totals(rows)
     return rows
 
@@ -327,8 +472,15 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Evaluate the bundle's trained network on its test pairs (``train.json`` + ``evaluate.json`` by default).
 
-    ``dataset_dir`` and ``out`` override the config's ``dataset_dir`` and ``output_dir`` (the bundle writes
-    ``per_pair.csv`` / ``summary.csv`` / ``summary.json`` under it). Returns the per-pair rows of :func:`run_bundle`.
+    Args:
+        bundle: bundle folder or name under ``bundles/``.
+        dataset_dir: the dataset folder (the config's ``dataset_dir``).
+        out: output folder (the config's ``output_dir``): ``per_pair.csv``, ``summary.csv``, ``summary.json``.
+        config: config files under ``<bundle>/configs``.
+        override: other ``--<config id> VALUE`` overrides.
+
+    Returns:
+        the per-pair rows of :func:`run_bundle`.
     """
     if dataset_dir is not None:
         override["dataset_dir"] = str(dataset_dir)
@@ -339,24 +491,161 @@ def evaluate(
     return rows
 
 
-def main(argv: Sequence[str] | None = None, commands: Mapping[str, Callable[..., Any]] | None = None) -> int:
-    """Run a command with python-fire; returns the exit status (2 and ``error: ...`` on stderr for bad input)."""
-    import fire
+def _flag_name(token: str) -> str | None:
+    """``name`` of a ``--name`` / ``--name=value`` token, else ``None`` (a value, e.g. ``-1`` or a path)."""
+    if token.startswith("--") and len(token) > 2 and (token[2].isalpha() or token[2] == "_"):
+        return token[2:].split("=", 1)[0]
+    return None
 
+
+def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str | bool], bool]:
+    """Split ``argv`` into positional arguments, ``{flag: raw value}`` (``True`` for a bare flag) and ``--help``."""
+    positional: list[str] = []
+    flags: dict[str, str | bool] = {}
+    wants_help = False
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name = _flag_name(token)
+        if token in ("-h", "--help"):
+            wants_help = True
+        elif name is None:
+            positional.append(token)
+        else:
+            if name in flags:
+                raise InputError(f"--{name} is given twice")
+            if "=" in token:
+                flags[name] = token.split("=", 1)[1]
+            elif i + 1 < len(tokens) and _flag_name(tokens[i + 1]) is None and tokens[i + 1] not in ("-h", "--help"):
+                flags[name] = tokens[i + 1]
+                i += 1
+            else:
+                flags[name] = True
+        i += 1
+    return positional, flags, wants_help
+
+
+def _raw_string(parameter: inspect.Parameter) -> bool:
+    """A parameter whose value is a path or name (annotated ``str``): kept as typed, not read as a literal."""
+    annotation = parameter.annotation
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return text.startswith("str") and "Sequence" not in text
+
+
+def _value(parameter: inspect.Parameter | None, raw: str | bool) -> Any:
+    from fire.parser import DefaultParseValue
+
+    if isinstance(raw, bool) or (parameter is not None and _raw_string(parameter)):
+        return raw
+    return DefaultParseValue(raw)
+
+
+def _bind(name: str, command: Callable[..., Any], argv: Sequence[str]) -> tuple[list[Any], dict[str, Any]] | None:
+    """Arguments of ``command`` from ``argv``; ``None`` after printing the help for ``--help``."""
+    positional, flags, wants_help = _parse_argv(argv)
+    signature = inspect.signature(command)
+    parameters = {k: p for k, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = {k: p for k, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
+    if wants_help:
+        print(_help(name, command, positional))
+        return None
+    required = [k for k, p in named.items() if p.default is p.empty]
+    args = [_value(named[k], v) if k in named else v for k, v in zip(required, positional)]
+    if len(positional) > len(required):
+        raise InputError(f"{name} takes {len(required)} positional argument(s) ({' '.join(k.upper() for k in required)}), got extra {positional[len(required):]}")
+    kwargs: dict[str, Any] = {}
+    for flag, raw in flags.items():
+        parameter = named.get(flag)
+        if parameter is None and not takes_any or flag in required[: len(positional)]:
+            valid = " ".join(f"--{k}" for k in named if k not in required)
+            raise InputError(f"unknown flag --{flag} for {name}; its flags: {valid}")
+        value = _value(parameter, raw)
+        if parameter is not None and isinstance(parameter.default, bool):
+            value = as_bool(value, f"--{flag}")
+        elif raw is True and parameter is not None:
+            raise InputError(f"--{flag} needs a value")
+        kwargs[flag] = value
+    missing = [k for k in required[len(positional):] if k not in kwargs]
+    if missing:
+        raise InputError(f"{name} needs {' '.join(k.upper() for k in required)}; missing {' '.join(k.upper() for k in missing)} (see {name} --help)")
+    return args, kwargs
+
+
+def _help(name: str, command: Callable[..., Any], positional: Sequence[str]) -> str:
+    """Usage, description and every flag with its default; with a bundle given, that bundle's config ids."""
+    signature = inspect.signature(command)
+    required = [k for k, p in signature.parameters.items() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    flags = [(k, p.default) for k, p in signature.parameters.items() if p.default is not p.empty]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    usage = f"usage: python -m monai_ext {name} {' '.join(k.upper() for k in required)} [flags]"
+    lines = [usage, "", inspect.getdoc(command) or "", "", "flags (default):"]
+    lines += [f"  --{k} ({d!r})" for k, d in flags]
+    if takes_any:
+        lines.append("  --<config id> VALUE: any id of the bundle's configs (give BUNDLE before --help to list them)")
+    if takes_any and positional and "bundle" in required:
+        try:
+            bundle_dir = bundle_path(positional[0])
+            default = signature.parameters.get("config")
+            names = {"register": ["inference.json"], "evaluate": []}.get(name, [])
+            extra = default.default if default is not None and default.default is not default.empty else ()
+            names += [extra] if isinstance(extra, str) else list(extra)
+            parser = _load_config(_config_files(bundle_dir, names))
+        except InputError as err:
+            lines.append(f"  ({err})")
+        else:
+            lines += ["", f"config ids of {bundle_dir.name} ({', '.join(names)}), with their values:"]
+            lines += [f"  --{k} ({json.dumps(parser.get(k))})" for k in _settable_ids(parser)]
+            lines.append("  (any other nested id as --<id>#<key>, e.g. --dataloader#num_workers)")
+    return "\n".join(lines)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM received: unwinds the command (temporary outputs are removed on the way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    logging.disable(logging.CRITICAL)  # the engines log the interruption with a traceback on the way out
+    raise _Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None, commands: Mapping[str, Callable[..., Any]] | None = None) -> int:
+    """Run a command; returns the exit status: 0, 2 with ``error: ...`` on stderr for bad input, or 130 / 143
+    after SIGINT / SIGTERM (one line on stderr, temporary files removed)."""
     if commands is None:
         from monai_ext.demo import demo  # demo builds on this module
 
         commands = {"register": register, "evaluate": evaluate, "demo": demo}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may handle signals
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        fire.Fire(dict(commands), command=None if argv is None else list(argv), name="monai_ext", serialize=_quiet)
+        if not argv or argv[0] in ("-h", "--help"):
+            print(f"usage: python -m monai_ext {{{','.join(commands)}}} ... (COMMAND --help for its flags)")
+            return 0 if argv else 2
+        name, *rest = argv
+        if name not in commands:
+            raise InputError(f"unknown command {name!r}; commands: {', '.join(commands)}")
+        bound = _bind(name, commands[name], rest)
+        if bound is not None:
+            commands[name](*bound[0], **bound[1])
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except fire.core.FireExit as exit_:
-        return int(exit_.code or 0)
+    except _Interrupted as stop:
+        print(f"interrupted by {signal.Signals(stop.signum).name}: stopped, temporary files removed", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        logging.disable(logging.NOTSET)
     return 0
 
-
-def _quiet(result: Any) -> None:
-    """Fire ``serialize`` hook: commands print their own report, so return values are not echoed."""
-    return None

@@ -22,6 +22,12 @@ settings file::
 The store defaults to SQLite at ``<output_dir>/mlruns.db`` with artifacts in ``<output_dir>/mlruns``
 (MONAI 1.6 refuses ``file:`` URIs); ``--tracking_uri``/``--experiment_name``/``--run_name`` given on
 the command line win over the settings (MONAI adds settings keys only when the config lacks them).
+
+Interrupted runs: every run is tagged with its output folder, host and process id (:data:`TAGS`). A process
+killed without notice (``kill -9``, a crash) leaves its run RUNNING; when a later workflow of the same output
+folder (a resumed training) opens its run, :func:`end_interrupted_runs` ends every such run whose process is
+gone as ``KILLED`` and links the runs both ways: ``monai_ext.resumed_from`` on the new run,
+``monai_ext.resumed_by`` on the interrupted one.
 """
 
 from __future__ import annotations
@@ -44,7 +50,20 @@ from urllib.parse import urlparse
 from monai.bundle.utils import DEFAULT_HANDLERS_ID, DEFAULT_MLFLOW_SETTINGS
 from monai.handlers import MLFlowHandler
 
-__all__ = ["TrackingHandler", "config_params", "unique_run_name", "settings", "write_settings"]
+__all__ = [
+    "TAGS",
+    "TrackingHandler",
+    "config_params",
+    "end_interrupted_runs",
+    "unique_run_name",
+    "settings",
+    "write_settings",
+]
+
+#: run tags identifying the process that owns a run: output folder, host name, process id
+TAGS = {"output_dir": "monai_ext.output_dir", "host": "monai_ext.host", "pid": "monai_ext.pid"}
+#: tags linking an interrupted run and the run that followed it in the same output folder
+RESUMED_FROM, RESUMED_BY = "monai_ext.resumed_from", "monai_ext.resumed_by"
 
 #: artifacts logged when a training completes: the executed config, the best checkpoint, the metric files
 TRAIN_ARTIFACTS = (
@@ -126,6 +145,49 @@ def _server_unreachable(uri: str, timeout: float) -> str | None:
         return f"{parsed.hostname}:{port}: {err}"
 
 
+def _process_gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process named by a run's :data:`TAGS` has ended (only decidable on its own host)."""
+    if tags.get(TAGS["host"]) != socket.gethostname() or not str(tags.get(TAGS["pid"], "")).isdigit():
+        return False
+    pid = int(tags[TAGS["pid"]])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def end_interrupted_runs(client: Any, experiment_id: str, run_id: str, output_dir: str | os.PathLike) -> list[str]:
+    """End the runs of ``output_dir`` that an ended process left RUNNING, and link them to the run ``run_id``.
+
+    A run counts when its :data:`TAGS` name ``output_dir`` and a process of this host that no longer exists (a run
+    of a live process, or of another host, is left alone). Each is terminated as ``KILLED`` and tagged
+    ``monai_ext.resumed_by = run_id``; the run ``run_id`` gets ``monai_ext.resumed_from`` = the latest of them
+    (by start time). Returns their ids, latest first.
+    """
+    folder = str(Path(output_dir).resolve())
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    interrupted = [
+        run
+        for run in runs
+        if run.info.run_id != run_id
+        and run.info.run_id not in _OPEN_RUNS
+        and run.data.tags.get(TAGS["output_dir"]) == folder
+        and _process_gone(run.data.tags)
+    ]
+    interrupted.sort(key=lambda run: run.info.start_time or 0, reverse=True)
+    for run in interrupted:
+        client.set_terminated(run.info.run_id, status="KILLED")
+        client.set_tag(run.info.run_id, RESUMED_BY, run_id)
+    if interrupted:
+        client.set_tag(run_id, RESUMED_FROM, interrupted[0].info.run_id)
+    return [run.info.run_id for run in interrupted]
+
+
 class TrackingHandler(MLFlowHandler):
     """``monai.handlers.MLFlowHandler`` that never stops the workflow and logs files, folders or globs.
 
@@ -140,7 +202,9 @@ class TrackingHandler(MLFlowHandler):
     Runs: a handler joins the run of the same ``run_name`` that another ``TrackingHandler`` of this process
     opened and has not closed (the trainer's, for the validator), otherwise it creates a new run and owns it;
     runs left unfinished by earlier processes are never reused (unlike ``MLFlowHandler``). Only the owner logs
-    ``experiment_param`` and ``artifacts`` and, with ``close_on_complete``, finishes the run.
+    ``experiment_param`` and ``artifacts`` and, with ``close_on_complete``, finishes the run. A new run is tagged
+    with :data:`TAGS` (``artifact_root`` as its output folder); the runs of that folder left RUNNING by a killed
+    process are then ended as ``KILLED`` and linked to it (:func:`end_interrupted_runs`).
 
     Any exception raised by MLflow (server unreachable, request rejected, store error) is reported once as a
     ``RuntimeWarning`` and the handler then does nothing for the rest of the workflow; the engine continues.
@@ -191,9 +255,17 @@ class TrackingHandler(MLFlowHandler):
         if joined:
             self.cur_run = self.client.get_run(joined[0].info.run_id)
         else:
-            self.cur_run = self.client.create_run(experiment_id=self.experiment.experiment_id, run_name=name)
+            tags = {TAGS["host"]: socket.gethostname(), TAGS["pid"]: str(os.getpid())}
+            if self.artifact_root is not None:
+                tags[TAGS["output_dir"]] = str(self.artifact_root)
+            self.cur_run = self.client.create_run(
+                experiment_id=self.experiment.experiment_id, run_name=name, tags=tags
+            )
             _OPEN_RUNS.add(self.cur_run.info.run_id)
             self.owner = True
+            if self.artifact_root is not None:
+                run_id = self.cur_run.info.run_id
+                end_interrupted_runs(self.client, self.experiment.experiment_id, run_id, self.artifact_root)
 
     def start(self, engine: Any) -> None:
         if self.disabled_reason is None:

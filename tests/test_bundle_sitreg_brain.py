@@ -91,11 +91,47 @@ def test_label_iteration_rejects_bad_labels():
     batch["fixed_label"] = batch["moving_label"]
     with pytest.raises(ValueError, match="values must lie in 0..31"):
         iteration(engine, batch)
+    batch["moving_label"] = torch.zeros((1, 1, 16, 16, 16), dtype=torch.int64)
     del batch["fixed_label"]
     with pytest.raises(ValueError, match="label map 'fixed_label'"):
         iteration(engine, batch)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         LabelRegistrationTrainIteration(1)
+    with pytest.raises(ValueError, match="saturation_weight must be >= 0"):
+        LabelRegistrationTrainIteration(NUM_CLASSES, saturation_weight=-1)
+
+
+def test_saturation_penalty_is_the_mean_squared_pre_tanh_of_every_block():
+    torch.manual_seed(1)
+    network = _small_network()
+    dataset = SynthBrainPairDataset([str(m) for m in MAPS], shape=(32, 40, 32), spacing=5.0, pairs_per_epoch=1)
+    batch = {key: value[None] for key, value in dataset[0].items()}
+    captured = []
+    for block in network.deformation_blocks.values():
+        block.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
+    weight = 0.5
+
+    class Engine:
+        pass
+
+    engine = Engine()
+    engine.network, engine.optim_set_to_none, engine.non_blocking = network, True, False
+    engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+    engine.loss_function = SymmetricRegistrationLoss(DiceLoss(include_background=False))
+    engine.state = Engine()
+    engine.state.device = torch.device("cpu")
+    engine.fire_event = lambda event: None
+    output = LabelRegistrationTrainIteration(NUM_CLASSES, saturation_weight=weight)(engine, batch)
+    assert len(captured) == 2 * len(network.deformation_blocks)  # both directions of every level
+    expected = torch.stack([c.square().mean() for c in captured]).mean()
+    assert torch.allclose(output["saturation"], expected)
+    dice = 0.5 * (output["forward_similarity"] + output["inverse_similarity"])
+    assert torch.allclose(output["loss"], dice + weight * expected)
+    # the hooks are removed after the step: a plain forward adds nothing
+    count = len(captured)
+    with torch.no_grad():
+        network.forward_and_inverse(batch["moving_image"], batch["fixed_image"])
+    assert len(captured) == 2 * count
 
 
 @pytest.fixture()

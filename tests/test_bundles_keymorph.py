@@ -277,7 +277,7 @@ def test_inference_bad_input_clear_error_no_outputs(pair_folders, tmp_path, bad)
         match = "3-D"
     else:
         moving = _save(tmp_path / "bad.nii.gz", np.zeros(SHAPE, np.float32), np.eye(4))
-        match = "empty"
+        match = "constant"
     out = tmp_path / "out"
     tiny = {**_tiny("keymorph_ixi_half", tmp_path), "output_dir": str(out)}
     with pytest.raises(Exception) as info:

@@ -103,7 +103,7 @@ def test_check_input_images_errors(tmp_path):
     nib.save(nib.Nifti1Image(np.random.rand(8, 8).astype(np.float32), np.eye(4)), str(two_d))
     offgrid = tmp_path / "seg.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 31), np.int16), np.eye(4)), str(offgrid))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="constant"):
         check_input_images([{"moving_image": str(flat), "fixed_image": str(good)}])
     with pytest.raises(ValueError, match="3-D"):
         check_input_images([{"moving_image": str(good), "fixed_image": str(two_d)}])

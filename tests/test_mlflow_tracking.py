@@ -125,3 +125,44 @@ def test_config_params_literals_only(tmp_path):
 def test_file_uri_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="file store"):
         TrackingHandler(tracking_uri=(tmp_path / "mlruns").as_uri())
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_run_is_ended_and_linked_to_the_resumed_one(tmp_path):
+    """A run left RUNNING by a killed process of the same output folder becomes KILLED, linked both ways by tags;
+    a RUNNING run of a live process or of another folder is left alone."""
+    import os
+    import socket
+
+    from monai_ext.tracking import RESUMED_BY, RESUMED_FROM, TAGS
+
+    uri = path_to_sqlite_uri(str(tmp_path / "mlruns.db"))
+    out = tmp_path / "eval"
+    out.mkdir()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("resume", artifact_location=(tmp_path / "mlruns").as_uri())
+
+    def run(pid, folder=out):
+        tags = {TAGS["host"]: socket.gethostname(), TAGS["pid"]: str(pid), TAGS["output_dir"]: str(folder.resolve())}
+        return client.create_run(experiment, run_name=f"run_{pid}_{folder.name}", tags=tags).info.run_id
+
+    killed, alive, elsewhere = run(_dead_pid()), run(os.getppid()), run(_dead_pid(), tmp_path / "other")
+    handler = TrackingHandler(tracking_uri=uri, experiment_name="resume", artifact_root=str(out))
+    handler._open_run()
+    resumed = handler.cur_run.info.run_id
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(killed).data.tags[RESUMED_BY] == resumed
+    assert client.get_run(resumed).data.tags[RESUMED_FROM] == killed
+    assert client.get_run(resumed).data.tags[TAGS["pid"]] == str(os.getpid())
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(elsewhere).info.status == "RUNNING"
+    handler.close()
+    assert client.get_run(resumed).info.status == "FINISHED"

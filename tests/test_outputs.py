@@ -15,6 +15,7 @@ writer extrapolates with the border value, so exact comparisons are made on the 
 from __future__ import annotations
 
 import json
+import os
 
 import itk
 import nibabel as nib
@@ -109,7 +110,7 @@ def _transform() -> Compose:
     )
 
 
-def _run(pair, output_dir, outputs=OUTPUTS, decollate=True, data=None):
+def _run(pair, output_dir, outputs=OUTPUTS, decollate=True, data=None, overwrite=False):
     data = data or [{**pair["files"], "moving_name": "mov", "fixed_name": "fix"}]
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
@@ -118,7 +119,7 @@ def _run(pair, output_dir, outputs=OUTPUTS, decollate=True, data=None):
         iteration_update=RegistrationEvalIteration(),
         decollate=decollate,
     )
-    writer = RegistrationWriter(output_dir, outputs=outputs)
+    writer = RegistrationWriter(output_dir, outputs=outputs, overwrite=overwrite)
     writer.attach(evaluator)
     evaluator.run()
     return writer
@@ -269,10 +270,40 @@ def test_the_same_names_twice_in_one_run_keep_both(pair, tmp_path):
     data = [{**pair["files"], "moving_name": "mov", "fixed_name": "fix"}] * 2
     writer = _run(pair, tmp_path / "out", outputs=["metrics"], data=data)
     assert [p.name for p in writer.written] == ["mov__fix", "mov__fix_1"]
-    writer.reset()  # a new run (Events.STARTED) replaces its own earlier folders instead of adding more
+    writer.reset()  # a new run (Events.STARTED) refuses the folders of an earlier run ...
+    with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
+        writer.write_pair({**_plain_item(pair), "moving_name": "mov", "fixed_name": "fix"})
+    writer.overwrite = True  # ... or writes into them instead of adding more
     writer.write_pair({**_plain_item(pair), "moving_name": "mov", "fixed_name": "fix"})
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mov__fix", "mov__fix_1"]
-    assert oct((tmp_path / "out" / "mov__fix").stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_output_modes_follow_the_umask(pair, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        _run(pair, tmp_path / "out", outputs=["metrics", "forward_ddf"])
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "out" / "mov__fix"
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    for file in folder.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
+
+
+def test_overwrite_replaces_only_the_package_files(pair, tmp_path):
+    _run(pair, tmp_path / "out", outputs=["metrics", "forward_ddf"])
+    folder = tmp_path / "out" / "mov__fix"
+    (folder / "notes.txt").write_text("mine")
+    (folder / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already exists"):
+        _run(pair, tmp_path / "out", outputs=["metrics"])
+    assert (folder / "metrics.json").read_text() == "{}"  # refused before anything was written
+    _run(pair, tmp_path / "out", outputs=["metrics"], overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["forward_ddf.nii.gz", "metrics.json", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert "dice" in json.loads((folder / "metrics.json").read_text())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mov__fix"]  # no staging folder left
 
 
 def test_a_failing_pair_leaves_nothing_and_keeps_an_earlier_complete_folder(pair, tmp_path, monkeypatch):
@@ -287,7 +318,7 @@ def test_a_failing_pair_leaves_nothing_and_keeps_an_earlier_complete_folder(pair
 
     monkeypatch.setattr(outputs, "qa_figure", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        _run(pair, tmp_path / "out", outputs=["forward_ddf", "qa"])
+        _run(pair, tmp_path / "out", outputs=["forward_ddf", "qa"], overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mov__fix"]  # no staging folder left
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     with pytest.raises(RuntimeError, match="disk full"):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from ignite.metrics import Metric
 
+from monai_ext.io.writers import umask_mode
 from monai_ext.metrics.deformation import target_registration_error
 
 __all__ = ["LandmarkTRE"]
@@ -173,4 +174,5 @@ class LandmarkTRE(Metric):
             fd, partial = tempfile.mkstemp(dir=self.output_dir, prefix=".tre.json.", suffix=".tmp")
             with os.fdopen(fd, "w") as stream:
                 json.dump(payload, stream, indent=2)
+            umask_mode(partial)  # mkstemp makes the file private (0o600)
             os.replace(partial, self.output_dir / "tre.json")

@@ -44,6 +44,7 @@ from monai_ext.metrics.deformation import (
     non_diffeomorphic_volume,
     sdlogj,
 )
+from monai_ext.io.writers import umask_mode
 from monai_ext.spatial.sampling import warp
 
 __all__ = [
@@ -247,14 +248,24 @@ class LabelRegistrationTrainIteration:
     ``0..num_classes - 1``. ``engine.state.output`` is as :class:`RegistrationTrainIteration`'s (DDFs on the
     transformation grid).
 
+    With ``saturation_weight > 0`` the mean squared pre-``tanh`` output of every deformation block
+    (``network.deformation_blocks``, captured with forward hooks) is added to the loss with that weight (term
+    ``saturation``). SITReg's level update composes the block output for (image 1, image 2) with the inverse
+    of its output for (image 2, image 1), so any part of the output that does not change when the images are
+    swapped cancels out and no loss term sees it; under Adam it drifts, pushes the bounded ``tanh`` into
+    saturation and then blocks every gradient (the network collapses to the identity). The penalty keeps the
+    useless symmetric part near zero while the registration (antisymmetric) part stays free to grow.
+
     Args:
         num_classes: number of label values including background 0.
+        saturation_weight: weight of the pre-``tanh`` penalty (0: none).
         moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
     """
 
     def __init__(
         self,
         num_classes: int,
+        saturation_weight: float = 0.0,
         moving_key: str = "moving_image",
         fixed_key: str = "fixed_image",
         moving_label_key: str = "moving_label",
@@ -262,28 +273,46 @@ class LabelRegistrationTrainIteration:
     ) -> None:
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 (background and one label), got {num_classes}")
+        if saturation_weight < 0:
+            raise ValueError(f"saturation_weight must be >= 0, got {saturation_weight}")
         self.num_classes = int(num_classes)
+        self.saturation_weight = float(saturation_weight)
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
 
-    def _onehot(self, label: torch.Tensor | None, key: str, shape: Sequence[int]) -> torch.Tensor:
+    def _check_label(self, label: torch.Tensor | None, key: str) -> torch.Tensor:
         if label is None:
             raise ValueError(f"batch must contain the label map {key!r}")
         if label.is_floating_point() or label.ndim < 4 or label.shape[1] != 1:
             raise ValueError(f"{key} must be an integer (B, 1, *spatial) label map, got {label.dtype} {tuple(label.shape)}")
         if int(label.min()) < 0 or int(label.max()) >= self.num_classes:
             raise ValueError(f"{key} values must lie in 0..{self.num_classes - 1}, got {int(label.min())}..{int(label.max())}")
-        return pooled_onehot(label, self.num_classes, shape)
+        return label
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
             raise ValueError("LabelRegistrationTrainIteration supports neither amp nor accumulation_steps > 1")
         moving, fixed, moving_label, fixed_label = pair_from_batch(engine, batchdata, self.keys)
+        moving_label = self._check_label(moving_label, self.keys[2])
+        fixed_label = self._check_label(fixed_label, self.keys[3])
         network = engine.network
         if not hasattr(network, "forward_and_inverse"):
             raise TypeError(f"{type(network).__name__} has no forward_and_inverse(moving, fixed, full_resolution=...)")
         network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        forward_ddf, inverse_ddf = network.forward_and_inverse(moving, fixed, full_resolution=False)
+        pre_tanh: list[torch.Tensor] = []
+        hooks = []
+        if self.saturation_weight:
+            if not hasattr(network, "deformation_blocks"):
+                raise TypeError(f"saturation_weight needs a network with deformation_blocks (SITReg), got {type(network).__name__}")
+            hooks = [
+                block.register_forward_hook(lambda module, inputs, output: pre_tanh.append(output))
+                for block in network.deformation_blocks.values()
+            ]
+        try:
+            forward_ddf, inverse_ddf = network.forward_and_inverse(moving, fixed, full_resolution=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
         engine.state.output = {
             self.keys[0]: moving,
             self.keys[1]: fixed,
@@ -293,13 +322,18 @@ class LabelRegistrationTrainIteration:
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         shape = forward_ddf.shape[2:]
-        terms = engine.loss_function(
-            self._onehot(moving_label, self.keys[2], shape),
-            self._onehot(fixed_label, self.keys[3], shape),
-            forward_ddf,
-            inverse_ddf,
+        terms = as_loss_terms(
+            engine.loss_function(
+                pooled_onehot(moving_label, self.num_classes, shape),
+                pooled_onehot(fixed_label, self.num_classes, shape),
+                forward_ddf,
+                inverse_ddf,
+            )
         )
-        backward_and_step(engine, as_loss_terms(terms))
+        if pre_tanh:
+            terms["saturation"] = torch.stack([value.square().mean() for value in pre_tanh]).mean()
+            terms[Keys.LOSS] = terms[Keys.LOSS] + self.saturation_weight * terms["saturation"]
+        backward_and_step(engine, terms)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -478,6 +512,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as stream:
             write(stream)
+        umask_mode(tmp)  # mkstemp makes the file private (0o600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

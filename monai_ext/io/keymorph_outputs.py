@@ -44,9 +44,16 @@ from torch import nn
 
 from monai_ext.io.itk_fields import write_image, write_itk_affine
 from monai_ext.io.native import load_image
-from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, check_pair_files
+from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, _merge_into, check_pair_files
 from monai_ext.io.qa import qa_figure
-from monai_ext.io.writers import atomic_output
+from monai_ext.io.validation import (
+    InputError,
+    MissingInputError,
+    check_existing_outputs,
+    check_image,
+    check_output_dir,
+)
+from monai_ext.io.writers import atomic_output, umask_mode
 from monai_ext.metrics.deformation import folding_fraction
 from monai_ext.networks.keymorph import normalized_to_voxels
 from monai_ext.spatial.coordinates import invert_homogeneous
@@ -64,33 +71,37 @@ _LABEL_WARP = {"mode": "nearest", "padding": "zeros"}
 
 
 def check_input_images(
-    pairs: Sequence[Mapping[str, Any]] | None = None, images: Sequence[Mapping[str, Any]] | None = None
+    pairs: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[Mapping[str, Any]] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Validate every input file before any output is written (so a bad input leaves no partial outputs).
 
     Every ``*_image`` / ``image`` must be a readable single-channel 3-D image with finite, non-constant values
-    (a constant image has no keypoints: "empty image"); ``*_label`` / ``label`` maps must be integer and on their
-    image's grid (:func:`monai_ext.io.native.load_image`). Give ``pairs`` (pair dicts) or ``images`` (dicts with
-    ``image`` and optionally ``label``; at least two for groupwise). Returns the checked dicts.
+    (a constant image has no keypoints); ``*_label`` / ``label`` maps must be integer and on their image's grid
+    (:func:`monai_ext.io.validation.check_image`). Give ``pairs`` (pair dicts,
+    :func:`~monai_ext.io.outputs.check_pair_files`, which with ``output_dir`` also refuses an unwritable output
+    folder and existing pair folders unless ``overwrite``) or ``images`` (dicts with ``image`` and optionally
+    ``label``; at least two for groupwise). Returns the checked dicts; raises
+    :class:`~monai_ext.io.validation.InputError` (a ``ValueError``).
     """
     if (pairs is None) == (images is None):
-        raise ValueError("give pairs or images (exactly one)")
+        raise InputError("give pairs or images (exactly one)")
     if pairs is not None:
-        items, sides = check_pair_files(pairs), ("moving_", "fixed_")
-    else:
-        items, sides = [dict(i) for i in images], ("",)
-        if len(items) < 2:
-            raise ValueError(f"groupwise registration needs at least 2 images, got {len(items)}")
-        for index, item in enumerate(items):
-            if "image" not in item or not Path(item["image"]).is_file():
-                raise FileNotFoundError(f"images[{index}]: image file not found: {item.get('image')}")
-    for item in items:
-        for side in sides:
-            image = load_image(item[f"{side}image"], spatial_dims=3)
-            if float(image.max()) == float(image.min()):
-                raise ValueError(f"{item[f'{side}image']}: the image is empty (constant value {float(image.min())})")
-            if f"{side}label" in item:
-                load_image(item[f"{side}label"], spatial_dims=3, label=True, reference=image)
+        return check_pair_files(pairs, output_dir=output_dir, overwrite=overwrite)
+    items = [dict(i) for i in images]
+    if len(items) < 2:
+        raise InputError(f"groupwise registration needs at least 2 images, got {len(items)}")
+    for index, item in enumerate(items):
+        if "image" not in item or not Path(item["image"]).is_file():
+            raise MissingInputError(f"images[{index}]: image file not found: {item.get('image')}")
+        image = check_image(item["image"], spatial_dims=3, name=f"images[{index}]")
+        if "label" in item:
+            check_image(item["label"], spatial_dims=3, label=True, reference=image, name=f"images[{index}]['label']")
+    if output_dir is not None:
+        check_output_dir(output_dir)
+        check_existing_outputs(output_dir, ["groupwise"], overwrite)
     return items
 
 
@@ -139,7 +150,7 @@ class KeyMorphWriter(RegistrationWriter):
         outputs: generic names (:data:`monai_ext.io.outputs.OUTPUTS`) and KeyMorph names (:data:`KEYMORPH_OUTPUTS`:
             ``transform_itk``, ``keypoints``, ``keypoints_qa``); default: everything except ``keypoints_qa``.
             ``metrics`` is added when no generic output is selected.
-        labels, hd95, keys: as in the parent.
+        labels, hd95, keys, overwrite: as in the parent.
     """
 
     def __init__(
@@ -152,13 +163,16 @@ class KeyMorphWriter(RegistrationWriter):
         fixed_key: str = "fixed_image",
         moving_label_key: str = "moving_label",
         fixed_label_key: str = "fixed_label",
+        overwrite: bool = False,
     ) -> None:
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
         unknown = sorted(set(outputs) - set(OUTPUTS) - set(KEYMORPH_OUTPUTS))
         if unknown:
             raise ValueError(f"unknown outputs {unknown}; choose from {list(OUTPUTS) + list(KEYMORPH_OUTPUTS)}")
         generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]  # the parent needs at least one output
-        super().__init__(output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key)
+        super().__init__(
+            output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite
+        )
         self.keymorph_outputs = [o for o in KEYMORPH_OUTPUTS if o in outputs]
 
     def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
@@ -224,8 +238,12 @@ def write_groupwise(
     image_key: str = "image",
     label_key: str = "label",
     device: torch.device | str = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Groupwise KeyMorph registration of files; writes ``<output_dir>/groupwise/`` atomically (all or nothing).
+
+    An existing ``groupwise`` folder is refused before any compute unless ``overwrite``; then the new files replace
+    those of the same names in it and other files are kept.
 
     Keypoints are detected one image at a time through a generator (only ``(N, K, 3)`` points are kept). The
     common space is the template keypoint frame sampled on the model grid; its world affine is the first image's
@@ -246,7 +264,9 @@ def write_groupwise(
         images=[
             {"image": i[image_key], "name": i.get("name"), **({"label": i[label_key]} if label_key in i else {})}
             for i in images
-        ]
+        ],
+        output_dir=output_dir,
+        overwrite=overwrite,
     )
     names = [i["name"] or Path(i["image"]).name.split(".")[0] for i in images]
     if len(set(names)) != len(names):
@@ -267,6 +287,7 @@ def write_groupwise(
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-groupwise-", dir=output_dir))
     try:
+        umask_mode(staging)  # mkdtemp makes it private (0o700)
         first = load(0)[image_key]
         common_affine = _model_affine(first)
         shape = tuple(first.shape[1:])
@@ -301,9 +322,12 @@ def write_groupwise(
             with atomic_output(target / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2))
         final = output_dir / "groupwise"
+        check_existing_outputs(output_dir, ["groupwise"], overwrite)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            _merge_into(staging, final)
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -34,8 +34,11 @@ does not leak into the outputs) are warped with it in one interpolation. Outputs
 tensors) are written in model space with the model affine (identity if there is none).
 
 A pair is written into a hidden temporary folder that is renamed onto its final name only when every file is
-complete: a failure leaves nothing of that pair (an earlier complete folder of the same pair is replaced only
-on success). Nothing specific to one network: any registration with forward (and optionally inverse) DDFs works.
+complete: a failure or an interruption leaves nothing of that pair. An existing pair folder is refused unless
+``overwrite`` is set; then the new files replace those of the same names in it, one atomic rename each, and every
+other file there (the user's, or an output not written this time) is kept. Files and folders get the modes of
+the process's umask. Nothing specific to one network: any registration with forward (and optionally inverse)
+DDFs works.
 """
 
 from __future__ import annotations
@@ -61,11 +64,26 @@ from monai_ext.engines.registration import pair_metrics
 from monai_ext.io.itk_fields import write_displacement_field, write_image
 from monai_ext.io.native import ddf_model_to_native, load_image
 from monai_ext.io.qa import qa_figure
-from monai_ext.io.writers import atomic_output
+from monai_ext.io.validation import (
+    InputError,
+    MissingInputError,
+    OutputExistsError,
+    check_existing_outputs,
+    check_output_dir,
+    check_pairs,
+)
+from monai_ext.io.writers import atomic_output, umask_mode
 from monai_ext.metrics.deformation import jacobian_determinant
 from monai_ext.spatial.sampling import warp
 
-__all__ = ["OUTPUTS", "RegistrationWriter", "check_pair_files", "pair_folder_name", "summary_line"]
+__all__ = [
+    "OUTPUTS",
+    "RegistrationWriter",
+    "check_pair_files",
+    "pair_folder_name",
+    "pair_folder_names",
+    "summary_line",
+]
 
 OUTPUTS = (
     "warped_image",
@@ -87,29 +105,50 @@ def check_pair_files(
     pairs: Sequence[Mapping[str, Any]],
     required: Sequence[str] = ("moving_image", "fixed_image"),
     optional: Sequence[str] = ("moving_label", "fixed_label"),
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    spatial_dims: int = 3,
 ) -> list[dict[str, Any]]:
-    """Check user pair dicts before any work: required keys present and every named file existing.
+    """Check user pair dicts before any work (a bundle's ``dataset#data``), so that bad input fails up front.
 
-    Returns the pairs as a list of dicts; raises ``ValueError`` (bad entry) or ``FileNotFoundError`` naming
-    the pair index, the key and the path.
+    Every pair must hold the ``required`` keys and all or none of ``optional``; every named file must be a
+    readable, finite, ``spatial_dims``-D image, not constant, with its label maps / masks on its grid and no image
+    paired with itself (:func:`monai_ext.io.validation.check_pairs`). With ``output_dir``: that folder must be
+    writable and not a file, and the pair folders the :class:`RegistrationWriter` would write there must not
+    exist unless ``overwrite`` (:func:`monai_ext.io.validation.check_existing_outputs`).
+
+    Returns the pairs as a list of dicts; raises :class:`monai_ext.io.validation.InputError` (a ``ValueError``;
+    :class:`~monai_ext.io.validation.MissingInputError`, also a ``FileNotFoundError``, for a missing file) whose
+    one-line message names the pair index, the key and the path.
     """
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
-        raise ValueError(f"pairs must be a non-empty list of dicts, got {pairs!r}")
-    checked = []
+        raise InputError(f"pairs must be a non-empty list of dicts, got {pairs!r}")
     for index, pair in enumerate(pairs):
         if not isinstance(pair, Mapping):
-            raise ValueError(f"pairs[{index}] must be a dict with keys {list(required)}, got {pair!r}")
+            raise InputError(f"pairs[{index}] must be a dict with keys {list(required)}, got {pair!r}")
         missing = [key for key in required if key not in pair]
         if missing:
-            raise ValueError(f"pairs[{index}] lacks {missing}; it has {sorted(pair)}")
+            raise InputError(f"pairs[{index}] lacks {missing}; it has {sorted(pair)}")
         labels = [key for key in optional if key in pair]
         if labels and len(labels) != len(optional):
-            raise ValueError(f"pairs[{index}] must give all of {list(optional)} or none, got {labels}")
+            raise InputError(f"pairs[{index}] must give all of {list(optional)} or none, got {labels}")
         for key in (*required, *labels):
             if not Path(pair[key]).is_file():
-                raise FileNotFoundError(f"pairs[{index}][{key!r}]: file not found: {pair[key]}")
-        checked.append(dict(pair))
-    return checked
+                raise MissingInputError(f"pairs[{index}][{key!r}]: file not found: {pair[key]}")
+    if output_dir is not None:
+        check_output_dir(output_dir)
+        check_existing_outputs(output_dir, pair_folder_names(pairs), overwrite)
+    return check_pairs(pairs, spatial_dims)
+
+
+def pair_folder_names(pairs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The folder names the :class:`RegistrationWriter` gives ``pairs`` in one run (:func:`pair_folder_name`;
+    a name already used gets ``_<index>``)."""
+    names: list[str] = []
+    for index, pair in enumerate(pairs):
+        name = pair_folder_name(pair, index)
+        names.append(f"{name}_{index}" if name in names else name)
+    return names
 
 
 def _stem(path: Any) -> str:
@@ -123,7 +162,8 @@ def _stem(path: Any) -> str:
 def pair_folder_name(
     item: Mapping[str, Any], index: int = 0, moving_key: str = "moving_image", fixed_key: str = "fixed_image"
 ) -> str:
-    """``<moving_name>__<fixed_name>`` from ``moving_name`` / ``fixed_name``, else from the images' file names.
+    """``<moving_name>__<fixed_name>`` from ``moving_name`` / ``fixed_name``, else from the images' file names
+    (the ``MetaTensor`` s' ``filename_or_obj``, or the paths of a pair dict before loading).
 
     File names give their stems (``a.nii.gz`` -> ``a``), prefixed with the parent folder's name when both stems are
     equal (``OAS1_0001/aligned_norm.nii.gz`` -> ``OAS1_0001_aligned_norm``); without either ``moving<index>`` /
@@ -131,7 +171,12 @@ def pair_folder_name(
     """
     names: list[str | None] = [item.get("moving_name"), item.get("fixed_name")]
     images = [item.get(moving_key), item.get(fixed_key)]
-    files = [image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None for image in images]
+    files = [
+        image.meta.get("filename_or_obj")
+        if isinstance(image, MetaTensor)
+        else (os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
+        for image in images
+    ]
     stems = [_stem(f) if f else None for f in files]
     for i, (side, file, stem) in enumerate(zip(("moving", "fixed"), files, stems)):
         if names[i] is None and stem is not None:
@@ -211,6 +256,23 @@ def summary_line(row: Mapping[str, Any], name: str) -> str:
     return " ".join(parts)
 
 
+def _merge_into(source: Path, target: Path) -> None:
+    """Move every file of the folder tree ``source`` onto the same relative path under ``target`` (one atomic
+    ``os.replace`` each, replacing a file of that name); other files of ``target`` are left alone."""
+    for path in sorted(source.rglob("*")):
+        destination = target / path.relative_to(source)
+        if path.is_dir():
+            if destination.exists() and not destination.is_dir():
+                raise OutputExistsError(f"output {destination} exists and is not a folder: move it away")
+            if not destination.exists():
+                destination.mkdir()
+                umask_mode(destination)
+        elif destination.is_dir():
+            raise OutputExistsError(f"output {destination} exists and is a folder: move it away")
+        else:
+            os.replace(path, destination)
+
+
 class RegistrationWriter:
     """Ignite handler writing the selected per-pair outputs (module docstring) after every evaluator iteration.
 
@@ -222,6 +284,9 @@ class RegistrationWriter:
             :func:`~monai_ext.engines.registration.pair_metrics`.
         hd95: add HD95 (voxels) to ``metrics.json``.
         moving_key, fixed_key, moving_label_key, fixed_label_key: keys of the engine output.
+        overwrite: write into a pair folder that exists already, replacing only the files of the same names
+            (other files are kept); without it such a folder raises
+            :class:`~monai_ext.io.validation.OutputExistsError` before the pair is written.
     """
 
     def __init__(
@@ -234,6 +299,7 @@ class RegistrationWriter:
         fixed_key: str = "fixed_image",
         moving_label_key: str = "moving_label",
         fixed_label_key: str = "fixed_label",
+        overwrite: bool = False,
     ) -> None:
         if isinstance(outputs, str):
             outputs = [outputs]
@@ -245,6 +311,7 @@ class RegistrationWriter:
         self.labels = labels
         self.hd95 = hd95
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+        self.overwrite = bool(overwrite)
         self.logger = logging.getLogger(__name__)
         self.written: list[Path] = []  # folders written in the current run
 
@@ -253,7 +320,7 @@ class RegistrationWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def reset(self, engine: Engine | None = None) -> None:
-        """Forget the pairs written (at every run start, so a rerun replaces its own earlier folders)."""
+        """Forget the pairs written (at every run start: names repeated within one run get ``_<index>``)."""
         self.written = []
 
     def __call__(self, engine: Engine) -> None:
@@ -272,17 +339,16 @@ class RegistrationWriter:
         folder = self.output_dir / pair_folder_name(item, index, moving_key, fixed_key)
         if folder in self.written:  # the same names twice in one run: keep both
             folder = folder.with_name(f"{folder.name}_{index}")
+        check_existing_outputs(self.output_dir, [folder.name], self.overwrite)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=self.output_dir))
         try:
-            staging.chmod(0o755)  # mkdtemp makes it private (0o700); the result is an ordinary folder
+            umask_mode(staging)  # mkdtemp makes it private (0o700); the result is an ordinary folder
             self._write(item, staging, folder.name)
-            files = sorted(p.name for p in staging.iterdir())
+            files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
             if folder.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=self.output_dir))
-                os.replace(folder, old / folder.name)
-                os.replace(staging, folder)
-                shutil.rmtree(old)
+                _merge_into(staging, folder)
+                shutil.rmtree(staging)
             else:
                 os.replace(staging, folder)
         except BaseException:

@@ -4,6 +4,8 @@ Every writer in :mod:`monai_ext.io` writes to a hidden temporary file in the des
 and moves it onto the destination with ``os.replace`` (atomic on POSIX and Windows within one file
 system). A failure part-way (an exception, a full disk) removes the temporary file and leaves any
 earlier file at the destination untouched, so a command line run that fails exits without partial outputs.
+Written files and folders get the ordinary modes of the process's umask (as ``open`` and ``mkdir`` give them), not
+the private modes of Python's temporary files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_output", "umask_mode"]
+
+
+def umask_mode(path: str | os.PathLike, mode: int | None = None) -> None:
+    """Give ``path`` the mode a new file (``0o666``) or folder (``0o777``) gets under the current umask."""
+    path = Path(path)
+    if mode is None:
+        mode = 0o777 if path.is_dir() else 0o666
+    umask = os.umask(0o022)  # reading the umask means setting it; restore it at once
+    os.umask(umask)
+    path.chmod(mode & ~umask)
 
 
 @contextmanager
@@ -42,6 +54,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError(f"writing {path} produced no data")
+        umask_mode(tmp)  # mkstemp makes the file private (0o600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
