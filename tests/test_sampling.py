@@ -328,3 +328,23 @@ def test_threaded_point_chunks_equal_single_thread_sampling():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, chunked)
+
+
+def test_itk_padding_half_voxel_band():
+    """padding="itk": border-replicated inside [-0.5, size - 0.5) on every axis, 0 beyond (ITK / ANTs resampling)."""
+    volume = torch.arange(4 * 3 * 2, dtype=torch.float64).reshape(1, 1, 4, 3, 2)
+    points = torch.tensor(
+        [[-0.4, 1.0, 0.5], [-0.5, 1.0, 0.5], [-0.6, 1.0, 0.5], [3.4, 2.0, 1.0], [3.5, 2.0, 1.0], [1.5, 2.49, -0.5]],
+        dtype=torch.float64,
+    )
+    out = sample(volume, points.T[None], padding="itk")[0, 0]
+    border = sample(volume, points.T[None], padding="border")[0, 0]
+    inside = torch.tensor([True, True, False, True, False, True])
+    assert torch.equal(out[inside], border[inside]) and torch.all(out[~inside] == 0)
+    assert torch.all(border[~inside] != 0)  # the band matters: border padding would give non-zero values there
+    # warp uses the same rule
+    ddf = torch.full((1, 3, 4, 3, 2), -0.7, dtype=torch.float64)
+    warped = warp(volume, ddf, padding="itk")
+    assert torch.all(warped[0, 0, 0] == 0) and torch.all(warped[0, 0, 1:, 1:, 1:] != 0)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        sample(volume, points.T[None], padding="reflect")

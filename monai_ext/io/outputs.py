@@ -7,7 +7,8 @@ produces it, decollated or batched) :class:`RegistrationWriter` writes ``<output
 output name            file                                 content
 =====================  ===================================  ===================================================
 ``warped_image``       ``warped_image.nii.gz``              native moving image resampled (linear) onto the
-                                                            native fixed grid, fixed affine
+                                                            native fixed grid, fixed affine; 0 beyond half a
+                                                            voxel outside the moving image (as ITK / ANTs)
 ``warped_label``       ``warped_label.nii.gz``              native moving label map, nearest, 0 outside, integer
 ``forward_ddf``        ``forward_ddf.nii.gz``               ``(X, Y, Z, n)`` voxel DDF on the native fixed grid,
                                                             native fixed voxel -> native moving voxel
@@ -376,7 +377,7 @@ class RegistrationWriter:
         path = {key: folder / _FILES[key] for key in OUTPUTS}
         warped_image = None
         if wanted & {"warped_image", "qa"}:
-            warped_image = warp(moving.image()[None].to(forward.dtype), forward)[0]
+            warped_image = warp(moving.image()[None].to(forward.dtype), forward, padding="itk")[0]
         if "warped_image" in wanted:
             write_image(path["warped_image"], warped_image, fixed.affine)
         if "warped_label" in wanted:

@@ -23,6 +23,7 @@ from monai.networks.blocks import Warp
 __all__ = ["voxel_grid", "sample", "sample_points", "warp", "compose", "affine_to_ddf", "check_ddf"]
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
+_PADDINGS = ("border", "zeros", "itk")
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +62,10 @@ def sample(
             ``out`` may have any number of dimensions (points, a grid of another size, ...).
             A batch size of 1 in either argument is broadcast.
         mode: ``"linear"`` (multilinear) or ``"nearest"``.
-        padding: ``"border"`` (replicate the edge value) or ``"zeros"``.
+        padding: ``"border"`` (replicate the edge value), ``"zeros"`` (interpolate towards 0 beyond the edge
+            voxel centres, ``grid_sample``'s zeros), or ``"itk"``: ITK's resampling convention (also that of
+            ``antsApplyTransforms``), border-replicated interpolation for points within half a voxel outside
+            the grid (continuous index in ``[-0.5, size - 0.5)`` on every axis) and 0 beyond.
 
     Returns:
         ``(B, C, *out)``.
@@ -76,6 +80,12 @@ def sample(
         raise ValueError(f"coords must be (B, {n}, ...) voxel coordinates, got {tuple(coords.shape)}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
+    if padding == "itk":
+        sizes = torch.tensor(volume.shape[2:], dtype=coords.dtype, device=coords.device).view(1, n, *([1] * (coords.ndim - 2)))
+        inside = ((coords >= -0.5) & (coords < sizes - 0.5)).all(1, keepdim=True)
+        return sample(volume, coords, mode, "border") * inside.to(volume.dtype if volume.is_floating_point() else coords.dtype)
     if len({int(volume.shape[0]), int(coords.shape[0])} - {1}) > 1:  # int(): traced sizes are tensors
         raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
     batch = max(volume.shape[0], coords.shape[0])
@@ -137,7 +147,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "linear", padding: 
         ddf: ``(B, n, *spatial_fixed)`` voxel displacement from fixed-grid voxels into the moving image.
         mode: ``"linear"`` for intensities and one-hot label maps (soft Dice), ``"nearest"`` for label maps;
             integer label maps keep their dtype.
-        padding: ``"border"`` or ``"zeros"`` outside the moving image.
+        padding: ``"border"``, ``"zeros"`` or ``"itk"`` outside the moving image (see :func:`sample`).
 
     Returns:
         the warped image ``(B, C, *spatial_fixed)``.
@@ -150,7 +160,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "linear", padding: 
         raise ValueError(f"image {tuple(image.shape)} and ddf {tuple(ddf.shape)} must have the same number of spatial dims")
     dtype = image.dtype
     moving = image if image.is_floating_point() else image.to(ddf.dtype)
-    if moving.shape[2:] == ddf.shape[2:] and moving.shape[0] == ddf.shape[0]:
+    if moving.shape[2:] == ddf.shape[2:] and moving.shape[0] == ddf.shape[0] and padding != "itk":
         out = _warp_block(mode, padding)(moving.to(ddf.dtype), ddf)
     else:
         out = sample(moving.to(ddf.dtype), voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None] + ddf, mode, padding)
