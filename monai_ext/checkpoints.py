@@ -72,16 +72,16 @@ _SITREG_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
 _STOP_CRITERIA = {"MaxElementWiseAbsStopCriterion": MaxAbsResidual, "RelativeL2ErrorStopCriterion": RelativeL2Residual}
 
 
-def _reference_solver(spec: Mapping | None) -> AndersonSolver | None:
+def _reference_solver(entry: Mapping | None) -> AndersonSolver | None:
     """Our Anderson solver from a reference ``{"stop_criterion": {"type", "args"}, "arguments": {...}}`` entry."""
-    if spec is None:
+    if entry is None:
         return None
-    criterion = spec.get("stop_criterion", {})
+    criterion = entry.get("stop_criterion", {})
     name = str(criterion.get("type", "MaxElementWiseAbsStopCriterion")).rsplit(".", 1)[-1]
     if name not in _STOP_CRITERIA:
         raise ValueError(f"unsupported fixed-point stop criterion {name!r}, expected one of {sorted(_STOP_CRITERIA)}")
     args = {"min_iterations": 1, "max_iterations": 50, "threshold": 1e-2, **criterion.get("args", {})}
-    arguments = dict(spec.get("arguments", {}))
+    arguments = dict(entry.get("arguments", {}))
     return AndersonSolver(
         _STOP_CRITERIA[name](**args),
         memory=arguments.pop("memory_length", 4),
@@ -147,9 +147,9 @@ def convert_sitreg_state_dict(
     Raises:
         ValueError: naming every key that is not part of a reference SITReg (a foreign checkpoint).
 
-    Note: the reference HEAD never applies its first affine hidden layer (spec section 12.2) whereas our
-    affine head chains both hidden layers, as the paper's code did; weights of an affine model trained with
-    HEAD therefore load but do not compute the same affine.
+    Note: the current head of the authors' reference implementation never applies its first affine hidden
+    layer whereas our affine head chains both hidden layers, as the paper's code did; weights of an affine
+    model trained with that head therefore load but do not compute the same affine.
     """
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []

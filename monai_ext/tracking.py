@@ -2,8 +2,9 @@
 
 MONAI's ``--tracking mlflow`` (``monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS``) logs the executed config
 and the loss / metric curves only, starts a run named by the second (so an unfinished run of the
-experiment is silently reused, spec ``monai.md`` 5.4) and stops the workflow when the tracking server
-cannot be reached. :func:`settings` builds a settings dict of the same shape (same engine ids) that
+experiment is silently reused: ``MLFlowHandler`` given no ``run_name`` logs into any unfinished run of the
+experiment) and stops the workflow when the tracking server cannot be reached. :func:`settings` builds a
+settings dict of the same shape (same engine ids) that
 
 * logs the hyper-parameters of the executed config as MLflow params (:func:`config_params`),
 * logs, when the engine completes, the best checkpoint ``models/model.pt`` and the metric files

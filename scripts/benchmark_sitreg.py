@@ -7,8 +7,8 @@ runs in a fresh subprocess so that peak RSS belongs to that configuration alone.
     python scripts/benchmark_sitreg.py --train         # also a training step (forward + backward)
     python scripts/benchmark_sitreg.py --threads 2 --shape 160 144 192
 
-Target (issue 3; the reference needs ~65 s and 3.3 GB for one forward pass on a 2-core CPU): at most
-20 s and 1.6 GB for the forward pass.
+Target (the SITReg authors' reference implementation needs ~65 s and 3.3 GB for one forward pass on a
+2-core CPU): at most 20 s and 1.6 GB for the forward pass.
 """
 
 from __future__ import annotations

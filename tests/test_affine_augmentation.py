@@ -12,12 +12,13 @@ from monai.data import MetaTensor
 
 from monai_ext.data.affine_augmentation import RandSITRegAffined, resample_world_affine
 
-STDS_3D = [0.05] * 3 + [0.025] * 3 + [math.radians(5.0)] * 3 + [0.025] * 3  # spec section 4
+# SITReg's standard deviations: log-scales, log-shears, rotations, translations
+STDS_3D = [0.05] * 3 + [0.025] * 3 + [math.radians(5.0)] * 3 + [0.025] * 3
 
 
 def test_parameter_distributions_and_probability():
     """10000 draws: applied fraction 0.9 +- 0.015 (standard error 0.003); over the ~9000 applied draws every
-    component has |mean| < 4 sigma / sqrt(n), std within 5 % of the spec value (standard error of a sample
+    component has |mean| < 4 sigma / sqrt(n), std within 5 % of SITReg's value (standard error of a sample
     std is sigma / sqrt(2 n) ~ 0.75 %) and |correlation| < 0.05 between components (standard error 0.011)."""
     transform = RandSITRegAffined(keys="image")
     transform.set_random_state(seed=0)

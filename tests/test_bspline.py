@@ -66,7 +66,7 @@ def test_bound_matches_reference_fixture():
     ],
 )
 def test_bound_matches_spec_table(n, factor, expected):
-    # table shipped in the reference model (spec sitreg.md 1.5)
+    # the table of control-point bounds hard-coded in the SITReg authors' reference model
     assert control_point_bound([factor] * n) == pytest.approx(expected, rel=1e-12, abs=0)
 
 

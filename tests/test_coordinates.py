@@ -105,7 +105,7 @@ def test_feature_level_voxel_centres(level):
     centres = transform_points(to_full, voxel_grid(coarse, F64).reshape(3, -1).T[None])
     pooled = F.avg_pool3d(voxel_grid(shape, F64)[None], f).reshape(3, -1).T[None]
     torch.testing.assert_close(centres, pooled, rtol=0, atol=1e-12)
-    # spec example for k = 1: j -> 2 j + 0.5
+    # level k = 1: coarse voxel j is centred at full-resolution coordinate 2 j + 0.5
     if level == 1:
         torch.testing.assert_close(to_full[:3, 3], torch.full((3,), 0.5, dtype=F64))
     # in centred normalised coordinates: spacing multiplied by 2^k, left edge of the first voxel shared

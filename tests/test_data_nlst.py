@@ -76,7 +76,8 @@ def test_download_splits_and_pipeline(fake_nlst, tmp_path):
     item = nlst_transforms()(pair)
     for side, index in (("moving", 0), ("fixed", 1)):
         hu, mask, points = arrays[f"NLST_0101_{index:04d}"]
-        expected = np.clip((hu + 1024) * mask, 0, 1024) / 1024  # spec section 5: (HU + 1024) * mask, clip, /1024
+        # SITReg's NLST intensity: (HU + 1024) * mask, clip, /1024
+        expected = np.clip((hu + 1024) * mask, 0, 1024) / 1024
         assert item[f"{side}_image"].shape == (1, *SHAPE) and item[f"{side}_image"].dtype == torch.float32
         np.testing.assert_allclose(item[f"{side}_image"][0].numpy(), expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(item[f"{side}_mask"][0].numpy(), mask)

@@ -86,7 +86,7 @@ def test_sampled_determinant_matches_reference(ndv_fixture):
 def test_sampled_points_world_frame(ndv_fixture):
     """The fixture's world points are the voxel points in SITReg's centred-normalised frame.
 
-    Spec section 0: x_d = (i_d - (N_d - 1) / 2) * h with h = 2 / 16 for the isotropic 12 x 14 x 16 grid.
+    That frame: x_d = (i_d - (N_d - 1) / 2) * h with h = 2 / 16 for the isotropic 12 x 14 x 16 grid.
     """
     shape = np.array(ndv_fixture["ddf"].shape[2:], dtype=float)
     world = (ndv_fixture["sampled_points_voxel"] - ((shape - 1) / 2)[None, :, None]) * (2 / shape.max())

@@ -1,4 +1,4 @@
-"""Group (cycle) consistency loss of SITReg's LUMIR fine-tune (spec 3.5): single-process properties and a
+"""Group (cycle) consistency loss of SITReg's LUMIR fine-tune: single-process properties and a
 3-process gloo run checking that the x3 gradient scaling plus DDP's averaging reproduce the gradient of a
 single-process computation of the same triplet.
 """

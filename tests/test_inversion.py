@@ -145,7 +145,7 @@ def test_module_wrapper_and_logs():
 
 
 # ------------------------------------------------------------------------------------------------
-# Anderson solver and stop criteria (spec 2.1)
+# Anderson solver and stop criteria (of SITReg's deformation inversion layer)
 # ------------------------------------------------------------------------------------------------
 
 

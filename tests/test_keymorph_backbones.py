@@ -226,7 +226,7 @@ def test_power_weights_properties():
 
 
 def test_parameter_counts():
-    """README 3.2 / 3.3 totals and the spec 2.3 / 2.5 tables (built on the meta device)."""
+    """README 3.2 / 3.3 totals and the parameter counts of the reference's backbones (built on the meta device)."""
     with torch.device("meta"):
         assert _n_params(ConvKeypointNet(num_keypoints=16)) == 7_246_096
         assert _n_params(TruncatedUNetKeypointNet(num_keypoints=16, num_levels=3)) == 873_314

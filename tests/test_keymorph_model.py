@@ -56,7 +56,8 @@ def conv_model(**kwargs) -> KeyMorph:
 
 def reference_rotation_reflects(fixed: np.ndarray, moving: np.ndarray) -> bool:
     """Whether the reference rigid fit (fixed -> moving, ``R = V U^T`` of ``H = Q_f Q_m^T``) hits its
-    reflection branch (``det R < 0``), where its row-flip fix departs from standard Kabsch (spec 3.2)."""
+    reflection branch (``det R < 0``), where its fix (flipping the last *row* of ``V``, not the last column)
+    departs from standard Kabsch."""
     u, _, vt = np.linalg.svd((fixed - fixed.mean(0)).T @ (moving - moving.mean(0)))
     return np.linalg.det(vt.T @ u.T) < 0
 
@@ -363,7 +364,7 @@ def test_known_affine_is_recovered_and_the_image_reproduced():
     """moving(y) = fixed(B y) with B a voxel-grid-preserving map (a 90-degree rotation of a cube plus an integer
     shift), moving keypoints = A fixed keypoints exactly (A = B^-1 in normalized coordinates): the voxel matrix
     is A's, the DDF is affine_to_ddf(A) and warping the moving image reproduces the fixed one exactly; a TPS
-    reproduces the same affine map (spec 3.3)."""
+    reproduces the same affine map (a TPS reproduces any affine map of its control points exactly)."""
     n = 12
     shape = (n, n, n)
     fixed_image = smooth_image(shape, 3)

@@ -28,7 +28,8 @@ from monai_ext.networks.keypoints import KeypointDetector, TruncatedUNetKeypoint
 
 
 def _reference_soft_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Spec 5: per (item, channel) 1 - (2 sum t p + 1) / (sum p^2 + sum t^2 + 1), mean incl. background."""
+    """KeyMorph's soft Dice: per (item, channel) 1 - (2 sum t p + 1) / (sum p^2 + sum t^2 + 1), mean incl.
+    background."""
     p, t = pred.flatten(2), target.flatten(2)
     return (1 - (2 * (p * t).sum(-1) + 1) / ((p * p).sum(-1) + (t * t).sum(-1) + 1)).mean()
 

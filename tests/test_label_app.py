@@ -1,6 +1,7 @@
 """Atlas-based label propagation (monai_ext.label_app): the MONAI Label use of a registration bundle.
 
-monailabel does not import in this environment (torchvision vs CPU torch 2.13, spec monai.md 6.3), so the
+monailabel does not import in this environment (its inference tasks import torchvision, whose PyPI build does
+not match the CPU torch 2.13 here), so the
 propagation transform is tested directly, with networks whose DDF is known (derivation in each test), and
 with the sitreg_oasis network_def."""
 

@@ -57,11 +57,21 @@ def test_lncc_gradcheck():
     assert torch.autograd.gradcheck(lambda p: LocalNormalizedCrossCorrelation(3)(p, target), (pred,))
 
 
+def test_lncc_reductions_follow_monai():
+    """``mean`` is the loss, ``sum`` and ``none`` are MONAI's ``LossReduction`` of the map ``-cc``."""
+    image_1, image_2 = torch.rand(2, 2, 1, 9, 10, 11, dtype=torch.float64)
+    lncc_map = LocalNormalizedCrossCorrelation(5, reduction="none")(image_1, image_2)
+    assert lncc_map.shape == image_1.shape
+    torch.testing.assert_close(LocalNormalizedCrossCorrelation(5)(image_1, image_2), lncc_map.mean())
+    torch.testing.assert_close(LocalNormalizedCrossCorrelation(5, reduction="sum")(image_1, image_2), lncc_map.sum())
+    assert isinstance(LocalNormalizedCrossCorrelation(5), torch.nn.modules.loss._Loss)
+
+
 def test_lncc_bad_inputs():
     with pytest.raises(ValueError, match="kernel_size"):
         LocalNormalizedCrossCorrelation(6)
-    with pytest.raises(ValueError, match="reduction"):
-        LocalNormalizedCrossCorrelation(7, reduction="sum")
+    with pytest.raises(ValueError, match="not a valid value"):  # monai.utils.look_up_option over LossReduction
+        LocalNormalizedCrossCorrelation(7, reduction="max")
     with pytest.raises(ValueError, match="pred and target"):
         LocalNormalizedCrossCorrelation()(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 7))
     with pytest.raises(ValueError, match="target_mask"):
@@ -72,7 +82,7 @@ def test_lncc_bad_inputs():
 
 
 def test_monai_dice_is_reference_soft_dice_plus_one():
-    """Spec 3.3: per channel (2 sum AB + 1e-5) / (sum A + sum B + 1e-5), loss = -mean; MONAI returns 1 - mean."""
+    """SITReg's soft Dice: per channel (2 sum AB + 1e-5) / (sum A + sum B + 1e-5), loss = -mean; MONAI: 1 - mean."""
     pred = torch.softmax(torch.randn(2, 4, 6, 7, 8), dim=1)
     target = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 6, 7, 8)), 4).movedim(-1, 1).float()
     dims = (2, 3, 4)
@@ -110,6 +120,23 @@ def test_gradient_loss_bad_inputs():
         GradientDeformationLoss((1.0, 1.0))(torch.zeros(1, 3, 4, 4, 4))
     with pytest.raises(ValueError, match="ddf"):
         GradientDeformationLoss()(torch.zeros(1, 1, 4, 4, 4))
+
+
+def test_regularizer_reductions_follow_monai():
+    """Both regularisers are MONAI ``_Loss``es; their batch reduction is a ``LossReduction`` (defaults unchanged)."""
+    ddf = 0.8 * torch.randn(3, 3, 6, 7, 8, dtype=torch.float64)
+    per_item = GradientDeformationLoss(reduction="none")(ddf)
+    assert per_item.shape == (3,)
+    torch.testing.assert_close(GradientDeformationLoss()(ddf), per_item.mean())
+    torch.testing.assert_close(GradientDeformationLoss(reduction="sum")(ddf), per_item.sum())
+    ndv = NDVLoss(reduction="none")(ddf)
+    assert ndv.shape == (3,)
+    torch.testing.assert_close(NDVLoss()(ddf), ndv.sum())
+    torch.testing.assert_close(NDVLoss(reduction="mean")(ddf), ndv.mean())
+    for loss in (GradientDeformationLoss(), NDVLoss()):
+        assert isinstance(loss, torch.nn.modules.loss._Loss)
+    with pytest.raises(ValueError, match="not a valid value"):
+        NDVLoss(reduction="max")
 
 
 def test_ndv_loss_matches_reference():

@@ -410,7 +410,8 @@ def test_affine_stage_world_to_voxel_by_hand():
 
 
 def test_parameter_counts_of_reference_configs():
-    """Spec section 5 derived counts (OASIS cc_grad_1.0, LUMIR/NLST heavy, OASIS raw_data with affine)."""
+    """Parameter counts derived from the reference configurations (OASIS cc_grad_1.0, LUMIR/NLST heavy, OASIS
+    raw_data with affine)."""
 
     def count(model: SITReg) -> int:
         return sum(p.numel() for p in model.parameters())

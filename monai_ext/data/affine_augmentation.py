@@ -1,4 +1,4 @@
-"""SITReg's random affine augmentation (NLST training; spec ``sitreg.md`` section 4).
+"""SITReg's random affine augmentation (the authors' reference implementation uses it for NLST training).
 
 Independently for every image, with probability ``prob`` (0.9), a matrix ``M = S R T`` is drawn in
 the image's centred-normalised world frame (:mod:`monai_ext.spatial.coordinates`; its largest axis

@@ -1,6 +1,6 @@
 """Pieces shared by the dataset modules: archive preparation, pair dicts and SITReg's volume pipeline.
 
-SITReg's generic pipeline (spec ``sitreg.md`` section 6), in order: crop -> centred crop-or-pad ->
+SITReg's generic pipeline (that of the authors' reference implementation), in order: crop -> centred crop-or-pad ->
 average-pool by the downsampling factor -> clip -> ``(x - shift) / scale``; masks go through crop,
 crop-or-pad and pooling and are then thresholded at ``>= 1 - 1e-5`` (a pooled voxel is inside only
 if every fine voxel was); label maps are only cropped / padded (evaluation at full resolution).

@@ -1,6 +1,6 @@
 """KeyMorph data: IXI / CSV subject lists, modality-aware pair sampling, same-subject modality pairs.
 
-Layouts (spec ``keymorph.md`` section 8.3):
+Layouts (those of the authors' reference implementation):
 
 * **IXI** (:func:`ixi_subjects`): ``data_root/{T1,T2,PD}/<name>.nii.gz`` images, optional brain masks
   ``data_root/{mod}_mask/<name>_mask.nii.gz`` and label maps ``data_root/{mod}_seg/<name>_seg.nii.gz``. Files are
@@ -251,7 +251,8 @@ def modality_pairs(
 
 
 def same_subject_pairs(subjects: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """Same-subject two-modality items for the keypoint-consistency loss (spec 5).
+    """Same-subject two-modality items for the keypoint-consistency loss
+    (:class:`monai_ext.losses.keymorph.KeypointConsistencyLoss`).
 
     For every subject id present in at least two modalities and every unordered pair of those modalities
     ``(a < b)``: ``{"image_1": path of a, "image_2": path of b, "modality_1": a, "modality_2": b, "subject": id}``
@@ -401,7 +402,8 @@ def keymorph_transforms(
     spatial_size: Sequence[int] | None = (256, 256, 256),
     swap_hw: bool = False,
 ) -> Compose:
-    """KeyMorph / BrainMorph preprocessing to model space (spec 9.2), from MONAI transforms.
+    """KeyMorph / BrainMorph preprocessing to model space (that of the authors' registration script), from MONAI
+    transforms.
 
     :func:`monai_ext.io.native.model_space_transforms` with RAS orientation, ``pixdim`` resampling, symmetric
     crop / pad to ``spatial_size`` and **min-max** intensity scaling (percentiles 0 and 100, the reference's
@@ -409,8 +411,9 @@ def keymorph_transforms(
     its 1 mm 256^3 data by 2).
 
     ``swap_hw``: the IXI half-resolution models were trained on tensors whose last two axes were swapped
-    (``permute(0, 1, 3, 2)``, spec quirk 20). Reorienting to ``"RSA"`` instead of ``"RAS"`` is that swap with the
-    affine kept correct (``Orientationd`` updates the metadata), so outputs still map back to native space.
+    (``permute(0, 1, 3, 2)`` in the reference's half-resolution data loading). Reorienting to ``"RSA"`` instead
+    of ``"RAS"`` is that swap with the affine kept correct (``Orientationd`` updates the metadata), so outputs
+    still map back to native space.
     """
     base = model_space_transforms(
         image_keys, label_keys, pixdim=pixdim, spatial_size=spatial_size, intensity="percentile", percentiles=(0, 100)

@@ -1,4 +1,5 @@
-"""KeyMorph's random affine augmentation (spec ``keymorph.md`` section 6) for images, label maps and keypoints.
+"""KeyMorph's random affine augmentation (as the authors' reference implementation draws it) for images, label
+maps and keypoints.
 
 The augmentation matrix ``M`` acts on **normalised ``ij`` coordinates** (each axis in ``[-1, 1]``, voxel ``i``
 of ``N`` at ``-1 + 2 i / (N - 1)``, component ``d`` along spatial array axis ``d``) as a homogeneous
@@ -20,7 +21,7 @@ Image read convention (``reference_grid``):
 * ``False`` (default, consistent with :mod:`monai_ext.spatial.sampling`): normalised coordinates are read with
   align_corners=True, so the identity matrix reproduces the image exactly and ``M`` moves content exactly as
   it moves points;
-* ``True`` (the reference's mixed convention, parity with ``fixtures/keymorph/augmentation.npz``): the output
+* ``True`` (the reference's mixed convention, for parity with its augmented outputs): the output
   grid is built at ``linspace(-1, 1, N)`` but read with align_corners=False (``v = (p + 1) N / 2 - 0.5``), so
   even the identity ("rot0") zooms by ``N / (N - 1)`` about the centre.
 """

@@ -15,7 +15,7 @@ or extract them there so that, for every subject ``Sxx``::
 ``.img.gz`` is accepted too). No checksums are published.
 
 :func:`prepare_lpba40` then writes ``dataset_dir/Sxx/Sxx.delineation.brain.bfc.nii.gz`` and
-``Sxx.delineation.structure.label.nii.gz`` as SITReg does (spec ``sitreg.md`` section 6): the
+``Sxx.delineation.structure.label.nii.gz`` as the SITReg authors' reference implementation does: the
 native-space skull-stripped, bias-corrected image and tissue map are resampled into delineation
 space through the inverse of the AIR affine (linear interpolation, border extrapolation), the image
 is divided by its mean white-matter intensity (resampled tissue label 3) and multiplied by the brain

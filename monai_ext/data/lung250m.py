@@ -16,7 +16,7 @@ the EMPIRE10 cases 002 and 008 are left out of the validation split (their terms
 
 Splits as SITReg's code (``src/data/lung250m_4b/data.py``): train = every case in ``imagesTr``,
 validate = 054, 055, 056, 094, 097 and 113-123, test = 104-112 (see :data:`LUNG250M_DIVISIONS`).
-Pipeline (spec sections 5-6): ``(HU + 1024) * lung mask`` -> centred crop-or-pad to 320x224x320 ->
+Pipeline (as SITReg's Lung250M-4B configuration): ``(HU + 1024) * lung mask`` -> centred crop-or-pad to 320x224x320 ->
 2x average pooling (160x112x160) -> clip [0, 1024] -> /1024; masks pooled and thresholded. Image
 ``_1`` is image 0 (moving), ``_2`` image 1 (fixed). Landmarks are shifted by -0.5 voxel on loading
 (SITReg's reading of the file's voxel convention) and then with the crop / pad; they stay in voxels

@@ -12,7 +12,7 @@ Checksum: none is published for the archive (:data:`NLST_SHA256` is ``None``; pa
 :func:`download_nlst` to verify a copy you trust). Use of the data is bound by the Learn2Reg terms
 (https://learn2reg.grand-challenge.org/Datasets/) and the NLST / TCIA licence.
 
-Splits and pipeline as SITReg (spec ``sitreg.md`` sections 5-6): training cases = the case names of
+Splits and pipeline as the SITReg authors' reference implementation: training cases = the case names of
 ``training_paired_images``, validation = those of ``registration_val``; there is no test split. Image
 0 (``_0000``) is the moving image and image 1 (``_0001``) the fixed one, as SITReg's registration
 indices (the json calls ``_0001`` "moving"; SITReg is symmetric and infers both directions).

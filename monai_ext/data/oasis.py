@@ -12,7 +12,7 @@ Checksum: the publisher (neurite / FreeSurfer FTP) publishes **no** checksum for
 (``torch_em/data/datasets/medical/oasis.py``); it is the default of :func:`download_oasis` and can be
 replaced (or disabled with ``sha256=None``) by the caller.
 
-Split and crop follow the SITReg OASIS configuration (spec ``sitreg.md`` sections 5-6): subjects in
+Split and crop follow the OASIS configuration of the SITReg authors' reference implementation: subjects in
 ``subjects.txt`` order, train = first 255, validate = [255:275], test = [275:]; every volume is
 cropped by ``[[0, 0], [24, 24], [16, 16]]`` voxels (before, after) per axis, 160x192x224 ->
 160x144x192; no intensity normalisation.

@@ -1,4 +1,4 @@
-"""SITReg's LUMIR fine-tuning with the group (cycle) consistency loss (spec 3.5, 4).
+"""SITReg's LUMIR fine-tuning with the group (cycle) consistency loss (Honkamaa & Marttinen, MELBA 2024).
 
 Processes are grouped in triplets (ranks ``3g, 3g + 1, 3g + 2``, one :func:`triplet_group` each). Every
 step, the 3 ranks of a group load the **same** triplet of distinct images ``(I_1, I_2, I_3)``

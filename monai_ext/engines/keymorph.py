@@ -7,13 +7,13 @@ iteration through its ``iteration_update`` argument, so handlers, checkpointing 
                 "iteration_update": {"_target_": "monai_ext.engines.keymorph.KeyMorphTrainIteration",
                                      "max_params": [0.2, 0.2, 3.1416, 0.1]}}
 
-* :class:`KeyMorphPretrainIteration` (spec ``keymorph.md`` section 7): the detector learns to put keypoint ``k``
-  at the ``k``-th of ``K`` random reference locations (:class:`ReferenceKeypoints`, sampled once from the first
-  image and saved in the checkpoint), co-transformed with a random affine augmentation.
-* :class:`KeyMorphTrainIteration` (section 8.2): moving image augmented, registered to the fixed image by
-  ``engine.network`` (a :class:`~monai_ext.networks.keymorph.KeyMorph`), loss on the warped image (MSE / LNCC) or
-  on warped one-hot labels (soft Dice, :class:`~monai_ext.losses.keymorph.KeyMorphLoss`), plus the optional
-  keypoint-consistency step.
+* :class:`KeyMorphPretrainIteration` (KeyMorph's self-supervised pretraining): the detector learns to put
+  keypoint ``k`` at the ``k``-th of ``K`` random reference locations (:class:`ReferenceKeypoints`, sampled once
+  from the first image and saved in the checkpoint), co-transformed with a random affine augmentation.
+* :class:`KeyMorphTrainIteration` (the reference's training step): moving image augmented, registered to the
+  fixed image by ``engine.network`` (a :class:`~monai_ext.networks.keymorph.KeyMorph`), loss on the warped image
+  (MSE / LNCC) or on warped one-hot labels (soft Dice, :class:`~monai_ext.losses.keymorph.KeyMorphLoss`), plus
+  the optional keypoint-consistency step.
 
 Keypoints are ``(B, K, n)`` normalised ``ij`` (align_corners=True); augmentation matrices as in
 :mod:`monai_ext.data.keymorph_augmentation`; DDFs ``(B, n, *fixed)`` voxel units, fixed grid -> moving image.
@@ -56,7 +56,7 @@ __all__ = [
 def sample_reference_points(
     image: torch.Tensor, num_keypoints: int, threshold: float = 0.1, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Random keypoints at voxels brighter than ``threshold`` (KeyMorph pretraining targets, spec 7).
+    """Random keypoints at voxels brighter than ``threshold`` (KeyMorph's pretraining targets).
 
     Voxels are drawn uniformly with replacement among those with a value ``> threshold`` in any channel (the
     distribution of the reference's rejection sampling ``sample_valid_coordinates_3d``), independently per batch
@@ -220,7 +220,8 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
     Args:
         reference: the target holder (save it with the checkpoint).
         max_params: augmentation maxima ``(s, o, a, z)`` (reference pretraining ``(0.2, 0.2, 3.1416, 0.1)``).
-        affine_slope: ramp length in epochs (``<= 0``: no ramp; README 1000, BrainMorph 5000).
+        affine_slope: ramp length in epochs (``<= 0``: no ramp; 1000 in the reference's README, 5000 for
+            BrainMorph).
         image_key: batch key of the image.
         threshold: reference sampling threshold.
         shared: one augmentation for the whole batch (reference) or one per item.
@@ -283,7 +284,7 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
 
 
 class KeyMorphTrainIteration(_AugmentingIteration):
-    """``iteration_update`` for ``SupervisedTrainer``: one KeyMorph registration training step (spec 8.2).
+    """``iteration_update`` for ``SupervisedTrainer``: one KeyMorph registration training step (as the reference's).
 
     1. the moving image (and its label map, nearest neighbour) is augmented by a random KeyMorph affine with the
        maxima scaled by the ramp (fixed image untouched);

@@ -1,9 +1,9 @@
 """Target registration error (TRE) on corresponding landmarks as an ignite ``Metric`` for MONAI's evaluators.
 
-Lung250M-4B and NLST ship corresponding points of both images of a case. SITReg's evaluator (spec
-``sitreg.md`` section 7) maps the fixed (image 2) landmarks by the forward DDF and measures their
-distance to the moving (image 1) landmarks, and the moving landmarks by the inverse DDF against the
-fixed ones; landmarks outside the field of view of either image are dropped.
+Lung250M-4B and NLST ship corresponding points of both images of a case. The SITReg authors' evaluator maps
+the fixed (image 2) landmarks by the forward DDF and measures their distance to the moving (image 1)
+landmarks, and the moving landmarks by the inverse DDF against the fixed ones; landmarks outside the field of
+view of either image are dropped.
 
 The landmarks are read from ``engine.state.batch`` (:class:`~monai_ext.engines.registration.RegistrationEvalIteration`
 copies only non-tensor batch items into ``engine.state.output``) and the DDFs from ``engine.state.output``;

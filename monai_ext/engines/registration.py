@@ -2,8 +2,9 @@
 
 MONAI's default iteration computes ``loss_function(network(image), label)``; a symmetric registration
 loss needs both images and both DDFs. The callables below replace the iteration through the engines'
-``iteration_update`` argument (spec ``monai.md`` 4.7, pattern B), so the ``train#trainer`` and
-``validate#evaluator`` ids, handlers, checkpointing and tracking stay MONAI's::
+``iteration_update`` argument (rather than packing both images into MONAI's ``image`` / ``label`` keys and a
+dict-valued network output), so the ``train#trainer`` and ``validate#evaluator`` ids, handlers, checkpointing
+and tracking stay MONAI's::
 
     "trainer": {"_target_": "SupervisedTrainer", ..., "loss_function": "@loss",
                 "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationTrainIteration"}}

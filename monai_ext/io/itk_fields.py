@@ -12,8 +12,9 @@ Conventions (see :mod:`monai_ext.spatial.coordinates`):
   same direction as our DDFs. Written as NIfTI it is the 5-D ``(X, Y, Z, 1, 3)`` float vector image with
   ``intent_code = 1007`` (vector) that ``antsApplyTransforms`` and ``itk.imread`` read.
 
-MONAI's ``ITKWriter`` writes that layout but leaves the vector components untouched (spec section 4.4),
-hence the conversion here. Every writer is atomic (:func:`monai_ext.io.writers.atomic_output`).
+MONAI's ``ITKWriter`` writes that layout but leaves the vector components untouched (it neither converts
+voxel displacements to millimetres nor RAS to LPS), hence the conversion here. Every writer is atomic
+(:func:`monai_ext.io.writers.atomic_output`).
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ class KeyMorphWriter(RegistrationWriter):
 
 def _pairwise_dice(labels: Sequence[torch.Tensor]) -> float:
     """Mean Dice over all unordered pairs of integer label maps ``(1, *spatial)``, labels present in a pair
-    (background excluded), the group metric of BrainMorph (without its background / absent-label quirks)."""
+    (background excluded): BrainMorph's group metric, except that the reference includes the background and
+    scores labels absent from both maps as Dice 1."""
     scores = []
     for a in range(len(labels)):
         for b in range(a + 1, len(labels)):

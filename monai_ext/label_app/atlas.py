@@ -1,4 +1,4 @@
-"""Atlas-based label propagation: the MONAI Label use of a registration bundle (spec ``monai.md`` 6.2).
+"""Atlas-based label propagation: the MONAI Label use of a registration bundle.
 
 MONAI Label serves one image in, one label map out. A registration bundle fits as label propagation: the
 user's image is the *fixed* image, the atlas (image + label map, shipped with the bundle) is the *moving*

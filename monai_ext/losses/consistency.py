@@ -1,4 +1,5 @@
-"""Group (cycle) consistency loss of SITReg's LUMIR fine-tuning (spec 3.5).
+"""Group (cycle) consistency loss of SITReg's LUMIR fine-tuning (Honkamaa & Marttinen, MELBA 2024; the
+authors' reference implementation fine-tunes its LUMIR model with it).
 
 Three images ``I_1, I_2, I_3`` are registered pairwise around a cycle: pair ``r`` (``r = 1, 2, 3``)
 registers ``I_r`` (moving, SITReg's image 1) with ``I_{r+1 mod 3}`` (fixed, image 2). With the package's
@@ -105,7 +106,7 @@ def cycle_consistency(
     voxel_size: Sequence[float] | None = None,
     mask_threshold: float = 1e-3,
 ) -> torch.Tensor:
-    """SITReg's group consistency loss of a registered triplet (spec 3.5), a scalar.
+    """SITReg's group consistency loss of a registered triplet, a scalar.
 
     ``(c(C_f) + c(C_i)) / 2`` with ``C_f = phi_f^1 o phi_f^2 o phi_f^3`` and ``C_i = phi_i^3 o phi_i^2 o phi_i^1``
     (see the module docstring) composed by :func:`compose_cycle`, and

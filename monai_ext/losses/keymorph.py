@@ -1,4 +1,5 @@
-"""KeyMorph training losses (spec ``keymorph.md`` sections 5 and 8.2).
+"""KeyMorph training losses (Yu et al., "KeyMorph", MIDL 2021; Wang et al., MedIA 2023), as the authors'
+reference implementation trains with them.
 
 * unsupervised: mean squared error of the warped moving image and the fixed image (``torch.nn.MSELoss``, the mean
   over batch, channels and voxels, as the reference's ``F.mse_loss``), or LNCC
@@ -6,8 +7,8 @@
 * supervised: the reference's soft Dice on one-hot maps, per (batch item, channel)
   ``1 - (2 sum t p + 1) / (sum p^2 + sum t^2 + 1)``, **background included**, mean over batch and channels. This is
   exactly ``monai.losses.DiceLoss(squared_pred=True, smooth_nr=1, smooth_dr=1, include_background=True)`` (checked
-  against the reference's ``softdiceloss`` in ``fixtures/keymorph/metrics.npz`` in ``tests/test_keymorph_training.py``),
-  so MONAI's class is used (:func:`keymorph_dice_loss`);
+  against outputs of the reference's ``softdiceloss`` in ``tests/test_keymorph_training.py``), so MONAI's class is
+  used (:func:`keymorph_dice_loss`);
 * keypoint consistency (legacy / tps branches): MSE between the keypoints of the same subject in two modalities
   after the same augmentation (:class:`KeypointConsistencyLoss`).
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import torch
 from monai.losses import DiceLoss
+from monai.utils import LossReduction, look_up_option
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
 
@@ -123,12 +126,19 @@ class KeyMorphLoss(nn.Module):
         return terms
 
 
-class KeypointConsistencyLoss(nn.Module):
+class KeypointConsistencyLoss(_Loss):
     """Keypoint consistency (legacy / tps KeyMorph): ``MSE(points_1, points_2)``, the mean over batch, keypoints
     and coordinates of normalised keypoints ``(B, K, n)`` detected in two co-registered images of one subject
     (e.g. T1 and T2) after the *same* augmentation. The reference scales it by ``kpconsistency_coeff``
-    (README example 10); here that is the training iteration's ``consistency_weight``.
+    (10 in its README's example); here that is the training iteration's ``consistency_weight``.
+
+    Args:
+        reduction: a :class:`monai.utils.LossReduction` of the squared errors: ``"mean"`` (the loss), ``"sum"``
+            or ``"none"`` (``(B, K, n)``).
     """
+
+    def __init__(self, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+        super().__init__(reduction=look_up_option(reduction, LossReduction).value)
 
     def forward(self, points_1: torch.Tensor, points_2: torch.Tensor) -> torch.Tensor:
         for name, value in (("points_1", points_1), ("points_2", points_2)):
@@ -137,4 +147,4 @@ class KeypointConsistencyLoss(nn.Module):
                 raise ValueError(f"{name} must be (B, K, n) keypoints with n in (2, 3), got {shape}")
         if points_1.shape != points_2.shape:
             raise ValueError(f"points_1 {tuple(points_1.shape)} and points_2 {tuple(points_2.shape)} must match")
-        return nn.functional.mse_loss(points_1, points_2)
+        return nn.functional.mse_loss(points_1, points_2, reduction=self.reduction)

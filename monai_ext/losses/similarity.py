@@ -1,51 +1,54 @@
 """Image similarity losses for registration.
 
-Soft Dice (SITReg spec 3.3, ``(2 sum AB + 1e-5) / (sum A + sum B + 1e-5)`` per channel, loss ``-mean``) is
-MONAI's ``monai.losses.DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)`` minus the constant 1 (MONAI returns
-``1 - dice``); the gradients are identical, so no separate class is provided (checked in ``tests/test_losses.py``).
+SITReg's soft Dice (Honkamaa & Marttinen, "SITReg", MELBA 2024; per channel
+``(2 sum AB + 1e-5) / (sum A + sum B + 1e-5)``, loss ``-mean``) is MONAI's
+``monai.losses.DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)`` minus the constant 1 (MONAI returns ``1 - dice``);
+the gradients are identical, so no separate class is provided (checked in ``tests/test_losses.py``).
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.layers import separable_filtering
-from torch import nn
+from monai.utils import LossReduction, look_up_option
+from torch.nn.modules.loss import _Loss
 
 __all__ = ["LocalNormalizedCrossCorrelation"]
 
 
-class LocalNormalizedCrossCorrelation(nn.Module):
-    """Negative squared local normalised cross-correlation (VoxelMorph / SITReg "ncc", spec 3.1).
+class LocalNormalizedCrossCorrelation(_Loss):
+    """Negative squared local normalised cross-correlation (the "ncc" similarity of VoxelMorph and SITReg).
 
     With box-window sums ``S`` over ``w**n`` voxels (stride 1, zero padding, ``n_w = w**n`` also at the
     borders), ``mu_I = S_I / n_w``, ``cross = S_IJ - mu_J S_I - mu_I S_J + mu_I mu_J n_w``,
     ``var_I = S_II - 2 mu_I S_I + mu_I**2 n_w`` (``var_J`` alike) and
     ``cc = cross**2 / (var_I var_J + eps)``; the loss is ``-mean(cc)`` over channels and voxels, averaged
     over the batch. Given masks multiply *both* images (product of all masks = intersection); masked
-    voxels are zero in both images and still count in the mean, as in the reference.
+    voxels are zero in both images and still count in the mean, as in the authors' SITReg implementation.
 
-    MONAI's ``LocalNormalizedCrossCorrelationLoss`` is not used although it agrees with the reference on
-    the fixture ``components/lncc.npz`` (within 5e-7): it clamps each window variance from below by
-    ``smooth_dr`` and divides by ``var_I * var_J`` instead of adding ``eps`` to the product, so it is a
-    different function for low-contrast windows. Measured on the same fixture volumes scaled by 0.1 / 0.05 /
-    0.01 (window 7): reference -0.8740 / -0.8322 / -0.2029 vs MONAI -0.8778 for all three (differences up to
-    0.67, far above the loss tolerance 1e-5). It also takes no masks.
+    MONAI's ``LocalNormalizedCrossCorrelationLoss`` (rectangular kernel) agrees with this on well-contrasted
+    images (within 5e-7 on SITReg's test volumes) but is a different function for low-contrast windows: it
+    clamps each window variance from below by ``smooth_dr`` and divides by ``var_I * var_J`` instead of adding
+    ``eps`` to the product. With one pair of test volumes scaled by 0.1 / 0.05 / 0.01 (window 7), SITReg's
+    function (this class) gives -0.8740 / -0.8322 / -0.2029 and MONAI's -0.8778 for all three. MONAI's class
+    also takes no masks. Otherwise this class follows MONAI's loss conventions (``_Loss``,
+    :class:`monai.utils.LossReduction`).
 
     Args:
         kernel_size: window width ``w`` (odd); 7 in most SITReg configs, 11 for LUMIR / NLST.
         eps: added to ``var_I * var_J``.
-        reduction: ``"mean"`` (the loss) or ``"none"`` (the map ``-cc`` of shape ``(B, C, *spatial)``).
+        reduction: a :class:`monai.utils.LossReduction`: ``"mean"`` (the loss), ``"sum"`` (``-cc`` summed over
+            batch, channels and voxels) or ``"none"`` (the map ``-cc`` of shape ``(B, C, *spatial)``).
     """
 
-    def __init__(self, kernel_size: int = 7, eps: float = 1e-5, reduction: str = "mean") -> None:
-        super().__init__()
+    def __init__(
+        self, kernel_size: int = 7, eps: float = 1e-5, reduction: LossReduction | str = LossReduction.MEAN
+    ) -> None:
+        super().__init__(reduction=look_up_option(reduction, LossReduction).value)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self.kernel_size = kernel_size
         self.eps = eps
-        self.reduction = reduction
 
     def forward(
         self,
@@ -61,7 +64,8 @@ class LocalNormalizedCrossCorrelation(nn.Module):
             pred_mask, target_mask: optional ``(B, 1 or C, *spatial)`` masks; every given mask multiplies both images.
 
         Returns:
-            scalar loss in ``[-1, 0]`` (or the ``(B, C, *spatial)`` map of ``-cc`` with ``reduction="none"``).
+            scalar loss in ``[-1, 0]`` (``reduction="mean"``), its sum (``"sum"``) or the ``(B, C, *spatial)``
+            map of ``-cc`` (``"none"``).
         """
         if pred.ndim not in (4, 5) or pred.shape != target.shape or pred.shape[1] < 1:
             raise ValueError(
@@ -88,6 +92,8 @@ class LocalNormalizedCrossCorrelation(nn.Module):
         var_i = s_ii - 2 * mu_i * s_i + mu_i * mu_i * n_w
         var_j = s_jj - 2 * mu_j * s_j + mu_j * mu_j * n_w
         cc = cross * cross / (var_i * var_j + self.eps)
-        if self.reduction == "none":
+        if self.reduction == LossReduction.NONE.value:
             return -cc
+        if self.reduction == LossReduction.SUM.value:
+            return -cc.sum()
         return -cc.flatten(1).mean(1).mean()

@@ -1,4 +1,5 @@
-"""Symmetric registration objective of SITReg (spec 3): both directions of a forward / inverse DDF pair."""
+"""Symmetric registration objective of SITReg (Honkamaa & Marttinen, MELBA 2024): both directions of a forward /
+inverse DDF pair."""
 
 from __future__ import annotations
 

@@ -137,12 +137,12 @@ def sdlogj(ddf: torch.Tensor, scheme: str = "central", clip: float = 1e-9) -> to
 
 
 def non_diffeomorphic_volume(ddf: torch.Tensor, reduction: str = "none", percentage: bool = False) -> torch.Tensor:
-    """Non-diffeomorphic volume (NDV) of Liu et al. for 3-D voxel DDFs (SITReg spec 3.4).
+    """Non-diffeomorphic volume (NDV) of Liu et al. (IJCV 2024) for 3-D voxel DDFs.
 
     ``NDV = sum over interior voxels and the 10 schemes (8 one-sided + star1 + star2) of max(-det, 0) / 12``
     (a volume in voxels). With ``percentage=True`` it is divided by the number of grid voxels and multiplied
-    by 100, as in Liu et al.'s ``digital_diffeomorphism`` tool ("NDV (%)" of the LUMIR leaderboard; the spec
-    does not define it). Like SITReg's loss only interior voxels contribute; that tool pads the field first,
+    by 100, as in Liu et al.'s ``digital_diffeomorphism`` tool ("NDV (%)" of the LUMIR leaderboard; SITReg's
+    loss has no percentage). Like SITReg's loss only interior voxels contribute; that tool pads the field first,
     so border voxels may add a little to its value.
 
     Args:
@@ -200,7 +200,7 @@ def sampled_jacobian_determinant(ddf: torch.Tensor, points_voxel: torch.Tensor) 
 
 
 def inverse_consistency_error(forward_ddf: torch.Tensor, inverse_ddf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse consistency of a forward / inverse DDF pair on the same grid (SITReg spec 7), voxel units.
+    """Inverse consistency of a forward / inverse DDF pair on the same grid (as SITReg's evaluation), voxel units.
 
     ``r = compose(forward, inverse)`` is the displacement of ``phi_f o phi_i - id`` (linear interpolation,
     border) and ``reverse`` that of ``phi_i o phi_f - id``.

@@ -3,7 +3,8 @@
 A keypoint detector (:mod:`monai_ext.networks.keypoints`) gives ``K`` corresponding keypoints in the moving and
 the fixed image; a closed-form fit of those keypoints gives the transformation. The fit always goes **fixed ->
 moving** (the pull-back map: every fixed voxel gets the moving-image position to read); the forward map
-(moving -> fixed) only moves points. Alignments (reference: ``alanqrwang/keymorph@dcb7996``, spec sections 3-4):
+(moving -> fixed) only moves points. Alignments (reference: the authors' implementation
+``github.com/alanqrwang/keymorph`` at commit ``dcb7996``):
 
 * ``"affine"``: least-squares affine fit; forward map = its matrix inverse;
 * ``"rigid"``: least-squares proper rotation + translation (standard Kabsch, not the reference's row-flip
@@ -23,7 +24,7 @@ conventions (``reference_grid``):
 
 * ``False`` (default, consistent): normalised moving coordinates are read with align_corners=True, the same
   convention as the keypoints, so identical keypoints give a zero DDF and reproduce the image exactly;
-* ``True`` (the reference's mixed convention, for bit-compatibility with released weights and the fixtures): the
+* ``True`` (the reference's mixed convention, for bit-compatibility with its released weights and outputs): the
   fixed grid is built with ``linspace(-1, 1)`` (align_corners=True positions) but the moving position is read
   with align_corners=False, ``v = (p + 1) N / 2 - 0.5``. The identity is then a zoom by ``N / (N - 1)``.
 """
@@ -97,7 +98,7 @@ def tps_lambda(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The TPS regularisation ``(batch,)`` of a ``"tps_*"`` alignment (spec 3.4).
+    """The TPS regularisation ``(batch,)`` of a ``"tps_*"`` alignment (the suffix after ``tps_``).
 
     A number is repeated; ``uniform``: ``U(0, max_lambda)``; ``loguniform``: log-uniform on
     ``[1e-6, max_lambda]``; ``lognormal``: ``exp(N(0, 1))`` (the legacy/tps branches; ``max_lambda`` unused).
@@ -278,7 +279,7 @@ def fit_keypoint_transform(
 def groupwise_keypoints(
     points: torch.Tensor, alignment: str = "affine", num_iterations: int = 5, lmbda: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """BrainMorph's groupwise keypoint alignment (spec 4.1): iterate ``N`` keypoint sets to their mean.
+    """BrainMorph's groupwise keypoint alignment (Wang et al., MELBA 2025): iterate ``N`` keypoint sets to their mean.
 
     Iteration ``j``: ``mu_j`` = mean of the current sets; every set ``G_i`` is fitted as moving to ``mu_j`` as
     fixed and replaced by its forward-mapped points. The template is ``mu_{J-1}``, the mean *entering* the last
@@ -425,7 +426,8 @@ class KeyMorph(nn.Module):
         return points, mass
 
     def _subsample(self, alignment: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        """Random keypoint subset for TPS in training (spec 3.3), shared by all tensors (dim 1 = keypoints)."""
+        """Random ``max_train_keypoints`` subset for TPS in training, as the reference, shared by all tensors
+        (dim 1 = keypoints)."""
         k = tensors[0].shape[1]
         limit = self.max_train_keypoints
         if not (self.training and alignment.startswith("tps_") and limit is not None and limit < k):
@@ -515,7 +517,7 @@ class KeyMorph(nn.Module):
         lmbda: float | None = None,
         image_key: str = "image",
     ) -> GroupwiseRegistration:
-        """Groupwise registration of ``N >= 2`` images to their keypoint template (BrainMorph, spec 4.1).
+        """Groupwise registration of ``N >= 2`` images to their keypoint template (BrainMorph, MELBA 2025).
 
         Keypoints are detected one batch at a time (unweighted, no gradients); only the ``(N, K, n)`` keypoints
         are kept, so ``images`` can be a lazy iterable (a generator or a DataLoader) of hundreds of volumes. The

@@ -14,8 +14,10 @@ Keypoint coordinates (as in KeyMorph ``main`` since June 2024):
   first and last voxel. Points are normalised on the *heatmap* grid; KeyMorph uses them directly
   as normalised coordinates of the image (the same [-1, 1] box), and so do its trained weights.
 
-Reference: KeyMorph ``alanqrwang/keymorph@dcb7996`` (``keymorph/net.py``, ``keymorph/layers.py``,
-``keymorph/unet3d``); see ``specs/keymorph.md`` sections 1, 2 and 14.
+Reference: the authors' KeyMorph implementation, ``github.com/alanqrwang/keymorph`` at commit ``dcb7996``
+(``keymorph/net.py``, ``keymorph/layers.py``, ``keymorph/unet3d``); papers: Yu et al., "KeyMorph: Robust
+multi-modal affine registration via unsupervised keypoint detection", MIDL 2021; Wang et al., MedIA 2023
+(KeyMorph with thin-plate splines); Wang et al., "BrainMorph", MELBA 2025.
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ class CenterOfMass(nn.Module):
 
 
 def power_weights(mass_fixed: torch.Tensor, mass_moving: torch.Tensor) -> torch.Tensor:
-    """KeyMorph ``power`` keypoint weights ``w_k = M_f,k M_m,k / sum_j M_f,j M_m,j`` (spec 2.7).
+    """KeyMorph ``power`` keypoint weights ``w_k = M_f,k M_m,k / sum_j M_f,j M_m,j``.
+
+    ``M_.,k`` is the mass of keypoint ``k``'s heatmap (the sum of its ReLU'd values), so keypoints with a large
+    mass in both images weigh more in the weighted fits (the reference's ``--weighted_kp_align power``).
 
     Args:
         mass_fixed: ``(B, K)`` heatmap masses of the fixed image (:class:`CenterOfMass` ``return_mass``).
@@ -174,7 +179,7 @@ class ConvKeypointNet(nn.Sequential):
         in_channels: image channels.
         num_keypoints: ``K``.
         spatial_dims: 2 or 3.
-        norm: MONAI norm spec; the reference default (and the only one with checkpoint parity
+        norm: MONAI norm name or ``(name, args)``; the reference default (and the only one with checkpoint parity
             verified here) is ``"instance"`` (no affine, no running statistics).
 
     Input ``(B, in_channels, *spatial)`` with every spatial size >= 16 and at least one >= 32 (the

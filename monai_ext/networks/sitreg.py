@@ -24,8 +24,10 @@ exact inverses of each other and enter four full-resolution chains::
 
 Swapping the two images swaps every ``U(f1, f2)`` with ``U(f2, f1)`` and therefore ``phi_f`` with
 ``phi_i`` exactly (bit for bit). Levels whose deformation settings are ``None`` only provide features
-(e.g. for the affine stage); the level index is the resolution index itself (the reference's HEAD
-mis-indexes outputs in that case, spec section 12.1).
+(e.g. for the affine stage); the level index is the resolution index itself. (The current head of the
+authors' reference implementation counts only the predicting levels when it indexes its outputs, so with
+feature-only levels its "level 0" output comes after only the coarsest few predicting levels; the
+2023 code that produced the paper's results indexed them correctly, as here.)
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ class SITRegAffineHead(nn.Module):
     Input ``cat(flatten(a - b), flatten(a + b))`` of width ``2 * in_features``; output ``(B, 12)`` (3-D)
     or ``(B, 6)`` (2-D) parameters for :func:`monai_ext.spatial.affine.affine_matrix_from_parameters`
     (centred-normalised world coordinates). Both hidden layers are chained as in the paper's code
-    (the reference HEAD applies only the second one, spec section 12.2).
+    (the current head of the authors' reference implementation skips the first hidden layer).
 
     Args:
         spatial_dims: 2 or 3.
