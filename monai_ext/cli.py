@@ -11,7 +11,8 @@ Commands::
 ``BUNDLE`` is a bundle folder or the name of one under this repository's ``bundles/`` (e.g. ``sitreg_oasis``).
 ``register`` runs the bundle's ``configs/inference.json`` workflow with ``pairs`` and ``output_dir`` overridden;
 ``evaluate`` runs ``configs/train.json`` + ``configs/evaluate.json`` (the bundle's test-set evaluation); ``demo``
-is :func:`monai_ext.demo.demo`. Everything about the registration itself (preprocessing, network, weights,
+is :func:`monai_ext.demo.demo`, added to the commands of :func:`main` by :mod:`monai_ext.__main__` (the demo
+builds on :func:`run_bundle` here, so this module does not import it). Everything about the registration itself (preprocessing, network, weights,
 instance optimisation, written files) comes from the configs: this module turns the command line into
 overrides, checks every input and the output location before any compute, and reports one line per pair.
 
@@ -56,7 +57,7 @@ from monai.bundle import ConfigParser, create_workflow
 from monai.data import decollate_batch
 from tqdm import tqdm  # a dependency of huggingface_hub, which this package requires
 
-from monai_ext.engines.registration import pair_metrics
+from monai_ext.metrics.overlap import pair_metrics
 from monai_ext.io.outputs import pair_folder_name, pair_folder_names, summary_line
 from monai_ext.io.validation import InputError, check_existing_outputs, check_output_dir, check_pairs
 
@@ -185,7 +186,7 @@ class _PairReport:
 
     Attached after the bundle's own handlers, so it runs once the pair's outputs are written. The numbers are
     those of the pair's ``metrics.json`` when the bundle wrote one into ``<output_dir>/<pair>/``, otherwise
-    :func:`~monai_ext.engines.registration.pair_metrics` of the evaluator output.
+    :func:`~monai_ext.metrics.overlap.pair_metrics` of the evaluator output.
     """
 
     def __init__(self, total: int, output_dir: Path | None) -> None:
@@ -293,7 +294,7 @@ def run_bundle(
         override: config id -> value (``bundle_root`` defaults to the bundle folder).
 
     Returns:
-        one :func:`~monai_ext.engines.registration.pair_metrics` row per pair (non-finite values as ``None`` when
+        one :func:`~monai_ext.metrics.overlap.pair_metrics` row per pair (non-finite values as ``None`` when
         read from ``metrics.json``), plus ``name`` (the pair folder name) and ``output`` (that pair's folder under
         the config's ``output_dir``, when the bundle wrote one).
     """
@@ -618,11 +619,14 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None, commands: Mapping[str, Callable[..., Any]] | None = None) -> int:
     """Run a command; returns the exit status: 0, 2 with ``error: ...`` on stderr for bad input, or 130 / 143
-    after SIGINT / SIGTERM (one line on stderr, temporary files removed)."""
-    if commands is None:
-        from monai_ext.demo import demo  # demo builds on this module
+    after SIGINT / SIGTERM (one line on stderr, temporary files removed).
 
-        commands = {"register": register, "evaluate": evaluate, "demo": demo}
+    ``commands`` maps command names to functions (default: ``register`` and ``evaluate``). ``python -m monai_ext``
+    (:func:`monai_ext.__main__.main`) adds ``demo``: :mod:`monai_ext.demo` builds on this module, so this module
+    does not import it.
+    """
+    if commands is None:
+        commands = {"register": register, "evaluate": evaluate}
     argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # only the main thread may handle signals

@@ -69,7 +69,7 @@ def _metrics(pair: dict, forward_ddf, inverse_ddf, seconds: float) -> dict:
     from monai.metrics import compute_hausdorff_distance
 
     from monai_ext.data.synthbrain import BRAIN_LABELS
-    from monai_ext.engines.registration import label_overlap
+    from monai_ext.metrics.overlap import label_overlap
     from monai_ext.metrics.deformation import folding_fraction, inverse_consistency_error, sdlogj
     from monai_ext.spatial.sampling import warp
 

@@ -1,6 +1,6 @@
 """Bad inputs, one table: every case fails before any compute with one clear message and leaves no partial output.
 
-Command line (``monai_ext.cli.main``, in process): exit status 2, ``error: <message>`` as the only stderr line,
+Command line (``monai_ext.__main__.main``, in process): exit status 2, ``error: <message>`` as the only stderr line,
 no traceback, nothing written. Bundle path (``monai.bundle.create_workflow`` on ``sitreg_oasis``'s
 ``inference.json``, as ``python -m monai.bundle run`` does): ``run()`` raises before the engine starts, with the
 :class:`~monai_ext.io.validation.InputError` (MONAI wraps errors of config expressions in a ``RuntimeError`` whose
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from monai.bundle import create_workflow
 
-from monai_ext.cli import main
+from monai_ext.__main__ import main  # the command line: the cli commands and the demo
 from monai_ext.io.validation import InputError
 from synthetic_pair import test_affine as grid_affine
 from synthetic_pair import write_synthetic_pair

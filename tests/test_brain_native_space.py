@@ -13,7 +13,7 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from monai_ext.cli import register
 from monai_ext.demo import write_demo_pair
-from monai_ext.io.native import ForegroundCentredGridd
+from monai_ext.data.model_space import ForegroundCentredGridd
 
 
 @pytest.fixture(scope="module")

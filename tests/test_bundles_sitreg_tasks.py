@@ -23,7 +23,7 @@ from monai.bundle import run
 
 from monai_ext.data.lpba40 import LPBA40_DIVISIONS
 from monai_ext.data.lung250m import LUNG250M_DIVISIONS
-from monai_ext.engines.landmarks import LandmarkTRE
+from monai_ext.metrics.landmarks import LandmarkTRE
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import monai_ext.cli as cli
+from monai_ext.__main__ import main as package_main
 from monai_ext.cli import InputError, as_bool, main
 from synthetic_pair import write_synthetic_pair
 
@@ -107,11 +108,13 @@ def test_help_lists_every_flag_with_its_default(capsys):
         assert flag in text
     assert main(["register", "keymorph_ixi_half", "-h"]) == 0
     assert "--checkpoint (" in capsys.readouterr().out
-    for command in ("evaluate", "demo"):
-        assert main([command, "--help"]) == 0
+    for command in ("evaluate", "demo"):  # python -m monai_ext: the cli's commands plus the demo
+        assert package_main([command, "--help"]) == 0
         assert "flags (default):" in capsys.readouterr().out
-    assert main(["--help"]) == 0
+    assert package_main(["--help"]) == 0
     assert "register,evaluate,demo" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "register,evaluate}" in capsys.readouterr().out
 
 
 def test_overwrite_keeps_user_files_and_modes_follow_the_umask(pair, tmp_path, capsys):

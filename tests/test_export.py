@@ -15,7 +15,7 @@ import torch
 from monai_ext.data.synthesis import random_ddf
 from monai_ext.export import ExportMismatchError, export_onnx, trace_network, traceable_inversions
 from monai_ext.networks.keymorph import KeyMorph
-from monai_ext.networks.keypoints import ConvKeypointNet, KeypointDetector
+from monai_ext.networks.keypoints import ConvKeypointNet, KeypointDetector, TruncatedUNetKeypointNet
 from monai_ext.networks.sitreg import SITReg
 from monai_ext.spatial.inversion import DDFInversion
 from monai_ext.spatial.sampling import compose
@@ -47,6 +47,38 @@ def test_keypoint_detector_onnx(tmp_path):  # onnx comes with the dev extra
     detector = _detector()
     path = export_onnx(detector, torch.rand(1, 1, 32, 32), tmp_path / "detector.onnx", [torch.rand(1, 1, 32, 32)])
     assert path.is_file() and path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "backbone, shape",
+    [
+        (lambda: ConvKeypointNet(in_channels=1, num_keypoints=4, spatial_dims=2), (1, 1, 32, 32)),
+        (lambda: TruncatedUNetKeypointNet(1, 8, 3, f_maps=4, num_levels=3, num_groups=2), (1, 1, 16, 16, 16)),
+    ],
+    ids=["conv-2d", "truncated-unet-3d"],
+)
+def test_keypoint_detector_onnx_runs_under_onnxruntime(tmp_path, backbone, shape):
+    """The exported graph, run by onnxruntime on inputs other than the export example, gives the eager
+    keypoints ``(B, K, n)`` and heatmap masses ``(B, K)`` within 1e-5 (onnxruntime comes with the dev extra)."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    detector = KeypointDetector(backbone(), return_mass=True).eval()
+    path = export_onnx(detector, torch.rand(shape), tmp_path / "detector.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (input_name,) = [i.name for i in session.get_inputs()]
+    for _ in range(3):
+        image = torch.rand(shape)
+        with torch.no_grad():
+            expected = detector(image)
+        actual = session.run(None, {input_name: image.numpy()})
+        assert len(actual) == len(expected) == 2
+        (points, masses), (onnx_points, onnx_masses) = expected, (torch.from_numpy(a) for a in actual)
+        assert onnx_points.shape == points.shape and onnx_masses.shape == masses.shape
+        # keypoints: normalised coordinates in [-1, 1], absolute error; masses: sums of a heatmap (hundreds here),
+        # float32 sums in another order, relative error
+        assert float((onnx_points - points).abs().max()) <= 1e-5
+        assert float(((onnx_masses - masses).abs() / masses.abs().clamp_min(1.0)).max()) <= 1e-5
 
 
 def test_keymorph_affine_aligner_traces():

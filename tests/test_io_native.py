@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from monai_ext.io.itk_fields import write_image
-from monai_ext.io.native import ddf_model_to_native, load_image, model_space_transforms
+from monai_ext.data.model_space import model_space_transforms
+from monai_ext.io.native import ddf_model_to_native, load_image
 from monai_ext.spatial.sampling import affine_to_ddf, sample, voxel_grid
 
 NATIVE_FIXED_SHAPE = (20, 14, 12)

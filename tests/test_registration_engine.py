@@ -22,7 +22,8 @@ from torch import nn
 from monai_ext.data.oasis import oasis_cases, oasis_pairs, oasis_transforms
 from monai_ext.data.pairs import PairEpochHandler, RegistrationPairDataset
 from monai_ext.data.synthesis import make_synthetic_pair, write_synthetic_oasis
-from monai_ext.engines.registration import RegistrationEvalIteration, RegistrationMetrics, RegistrationTrainIteration
+from monai_ext.engines.registration import RegistrationEvalIteration, RegistrationTrainIteration
+from monai_ext.metrics.overlap import RegistrationMetrics
 from monai_ext.spatial.sampling import warp
 
 SHAPE = (12, 12, 12)
@@ -300,7 +301,7 @@ def test_bundle_style_config_with_project_loss(oasis_dir, tmp_path):
                 "iteration_update": {"_target_": "monai_ext.engines.registration.RegistrationEvalIteration"},
                 "key_val_metric": {
                     "val_mean_dice": {
-                        "_target_": "monai_ext.engines.registration.RegistrationMetrics",
+                        "_target_": "monai_ext.metrics.overlap.RegistrationMetrics",
                         "output_dir": "$@output_dir + '/metrics'",
                     }
                 },

@@ -43,7 +43,7 @@ from monai.transforms import Compose, Orientationd, apply_transform
 from torch.utils.data import Dataset
 
 from monai_ext.data.base import pair_item
-from monai_ext.io.native import model_space_transforms
+from monai_ext.data.model_space import model_space_transforms
 
 __all__ = [
     "IXI_MODALITIES",
@@ -405,8 +405,8 @@ def keymorph_transforms(
     """KeyMorph / BrainMorph preprocessing to model space (that of the authors' registration script), from MONAI
     transforms.
 
-    :func:`monai_ext.io.native.model_space_transforms` with RAS orientation, ``pixdim`` resampling, symmetric
-    crop / pad to ``spatial_size`` and **min-max** intensity scaling (percentiles 0 and 100, the reference's
+    :func:`monai_ext.data.model_space.model_space_transforms` with RAS orientation, ``pixdim`` resampling,
+    symmetric crop / pad to ``spatial_size`` and **min-max** intensity scaling (percentiles 0 and 100, the reference's
     ``rescale_intensity``). BrainMorph: 1 mm, 256^3. IXI half resolution: 2 mm, 128^3 (the reference average-pools
     its 1 mm 256^3 data by 2).
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from monai_ext.data.atomic import atomic_output
 from monai_ext.data.base import all_pairs, check_files, volume_transforms
 from monai_ext.data.download import download_file, extract_archive
 from monai_ext.spatial.sampling import sample
@@ -156,10 +157,8 @@ def _load_analyze(header: Path) -> tuple[np.ndarray, tuple[float, float, float]]
 
 def _save(array: np.ndarray, voxel_size: Sequence[float], path: Path) -> None:
     affine = np.diag([-voxel_size[0], -voxel_size[1], voxel_size[2], 1.0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name.replace(".nii.gz", ".part.nii.gz"))
-    nib.save(nib.Nifti1Image(array, affine), str(partial))
-    os.replace(partial, path)  # a complete file or none
+    with atomic_output(path) as partial:  # a complete file or none; the temporary name keeps the .nii.gz suffix
+        nib.save(nib.Nifti1Image(array, affine), str(partial))
 
 
 def _missing_message(dataset_dir: Path) -> str:

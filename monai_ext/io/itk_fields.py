@@ -14,7 +14,7 @@ Conventions (see :mod:`monai_ext.spatial.coordinates`):
 
 MONAI's ``ITKWriter`` writes that layout but leaves the vector components untouched (it neither converts
 voxel displacements to millimetres nor RAS to LPS), hence the conversion here. Every writer is atomic
-(:func:`monai_ext.io.writers.atomic_output`).
+(:func:`monai_ext.data.atomic.atomic_output`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import itk
 import numpy as np
 import torch
 
-from monai_ext.io.writers import atomic_output
+from monai_ext.data.atomic import atomic_output
 from monai_ext.spatial.coordinates import (
     change_frames,
     ddf_voxel_to_world,

@@ -53,7 +53,7 @@ from monai_ext.io.validation import (
     check_image,
     check_output_dir,
 )
-from monai_ext.io.writers import atomic_output, umask_mode
+from monai_ext.data.atomic import atomic_output, umask_mode
 from monai_ext.metrics.deformation import folding_fraction
 from monai_ext.networks.keymorph import normalized_to_voxels
 from monai_ext.spatial.coordinates import invert_homogeneous

@@ -1,9 +1,9 @@
 """Model space vs native space.
 
 A bundle's network sees images in **model space**: the image after MONAI preprocessing
-(:func:`model_space_transforms`: reorientation to RAS, resampling to a fixed voxel size, crop/pad to a
-fixed shape, intensity scaling), whose grid is described by the ``MetaTensor.affine`` (voxel to RAS mm)
-after those transforms. Users want results on each image's **native grid**: the affine and shape of its
+(:func:`monai_ext.data.model_space.model_space_transforms`: reorientation to RAS, resampling to a fixed voxel
+size, crop/pad to a fixed shape, intensity scaling), whose grid is described by the ``MetaTensor.affine``
+(voxel to RAS mm) after those transforms. Users want results on each image's **native grid**: the affine and shape of its
 file. The network's DDF lives on the model fixed grid and points into the model moving grid;
 :func:`ddf_model_to_native` turns it into a DDF on the native fixed grid pointing into the native moving
 grid, with which :func:`monai_ext.spatial.sampling.warp` resamples the native moving image (or label map,
@@ -19,32 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import ITKReader, MetaTensor, NibabelReader
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Lambdad,
-    LoadImage,
-    LoadImaged,
-    MapTransform,
-    NormalizeIntensityd,
-    Orientationd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRangePercentilesd,
-    SpatialResample,
-    Spacingd,
-)
-
-from monai_ext.data.synthbrain import grid_affine, normalize_intensity
+from monai.transforms import LoadImage
 
 from monai_ext.spatial.coordinates import ddf_voxel_to_world, invert_homogeneous, voxel_to_world
 from monai_ext.spatial.sampling import affine_to_ddf, check_ddf, sample, voxel_grid
 
-__all__ = ["ddf_model_to_native", "load_image", "ForegroundCentredGridd", "model_space_transforms"]
+__all__ = ["ddf_model_to_native", "load_image"]
 
 _UNITS = ("voxel", "ras", "lps")
-_INTENSITY = ("percentile", "foreground_percentile", "zscore", None)
-_CENTRES = ("field_of_view", "foreground")
 
 
 def _batched_affine(affine, name: str, n: int, batch: int) -> torch.Tensor:
@@ -140,8 +122,9 @@ def load_image(
     """Load and check one image file (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA, ...) with MONAI's ``LoadImage``.
 
     NIfTI files are read with ``NibabelReader``, all other formats with ``ITKReader`` (MONAI's own default
-    choice, also used by :func:`model_space_transforms`; both give the same RAS affine). ITK's NIfTI reader is
-    avoided because it silently replaces NaN and infinite voxels with 0, hiding corrupt data.
+    choice, also used by :func:`monai_ext.data.model_space.model_space_transforms`; both give the same RAS
+    affine). ITK's NIfTI reader is avoided because it silently replaces NaN and infinite voxels with 0, hiding
+    corrupt data.
 
     Args:
         path: the file.
@@ -184,130 +167,3 @@ def load_image(
             f"image (shape {tuple(reference.shape[1:])}, affine {np.round(np.asarray(reference.affine), 4).tolist()})"
         )
     return image
-
-
-class ForegroundCentredGridd(MapTransform):
-    """Resample each image onto its own axis-aligned RAS grid of ``spatial_size`` voxels of ``pixdim`` mm whose
-    centre is the world position (mm) of the image's foreground centroid; label maps follow their image's grid.
-
-    Works in world space with the full affine (any orientation, oblique or anisotropic storage): one linear
-    (images) or nearest (labels) resampling with MONAI's ``SpatialResample``, zero outside the image. The
-    foreground is the voxels above ``threshold`` x the image's 99th percentile. A pair of images of one anatomy
-    thus lands on grids aligned at their centroids, as the brain models of this package are trained (each
-    training image on a grid centred on its brain). The outputs are ``MetaTensor`` s whose ``.affine`` is the
-    new grid's; the file's ``original_affine`` / ``spatial_shape`` metadata are kept for the native outputs.
-
-    Args:
-        keys: image keys.
-        label_keys: label-map keys, the ``i``-th following the grid of ``keys[i]``.
-        pixdim: isotropic voxel size (mm).
-        spatial_size: grid shape ``(D, H, W)`` along R, A, S.
-        threshold: foreground threshold as a fraction of the 99th percentile.
-        allow_missing_keys: skip absent keys (e.g. pairs without label maps).
-    """
-
-    def __init__(
-        self,
-        keys: Sequence[str],
-        label_keys: Sequence[str] = (),
-        pixdim: float = 2.0,
-        spatial_size: Sequence[int] = (88, 104, 88),
-        threshold: float = 0.1,
-        allow_missing_keys: bool = True,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(label_keys) > len(self.keys):
-            raise ValueError(f"label_keys {list(label_keys)} must follow image keys {list(self.keys)} one to one")
-        self.label_of = dict(zip(self.keys, label_keys))
-        self.pixdim = float(pixdim)
-        self.spatial_size = tuple(int(s) for s in spatial_size)
-        self.threshold = float(threshold)
-        self.image_resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)
-        self.label_resampler = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float64)
-
-    def centroid(self, image: MetaTensor) -> np.ndarray:
-        """World position (RAS mm) of the foreground centroid of ``image`` ``(1, *spatial)``."""
-        values = image[0].float()
-        sample_values = values.flatten()[:: max(1, values.numel() // (1 << 22))]
-        level = self.threshold * float(torch.quantile(sample_values, 0.99))
-        mask = values > level
-        if not mask.any():
-            mask = torch.ones_like(values, dtype=torch.bool)
-        index = torch.nonzero(mask).double().mean(0).numpy()
-        affine = np.asarray(image.affine, dtype=np.float64)
-        return (affine @ np.append(index, 1.0))[:3]
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            target = torch.as_tensor(grid_affine(self.spatial_size, self.pixdim, self.centroid(image)))
-            d[key] = self.image_resampler(image, dst_affine=target, spatial_size=self.spatial_size).float()
-            label_key = self.label_of.get(key)
-            if label_key in d:
-                d[label_key] = self.label_resampler(d[label_key].double(), dst_affine=target, spatial_size=self.spatial_size)
-        return d
-
-
-def model_space_transforms(
-    image_keys: Sequence[str],
-    label_keys: Sequence[str] = (),
-    pixdim: Sequence[float] | None = None,
-    spatial_size: Sequence[int] | None = None,
-    intensity: str | None = "percentile",
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    centre: str = "field_of_view",
-) -> Compose:
-    """MONAI preprocessing from files to model space, shared by the bundles.
-
-    ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
-    -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
-    -> ``ResizeWithPadOrCropd(spatial_size)`` (symmetric, zero padding) -> intensity scaling of the images
-    -> labels as ``torch.int64``.
-    The outputs are ``MetaTensor`` s whose ``.affine`` is the model-space affine used by :func:`ddf_model_to_native`.
-    No input checks happen here: validate user files with :func:`load_image` first.
-
-    Args:
-        image_keys: keys of intensity images (e.g. ``["fixed_image", "moving_image"]``).
-        label_keys: keys of label maps.
-        pixdim: model voxel size in mm; ``None`` keeps the native voxel size.
-        spatial_size: model grid shape; ``None`` keeps the resampled shape.
-        intensity: ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the ``percentiles`` map to [0, 1], clipped),
-            ``"foreground_percentile"`` (:func:`monai_ext.data.synthbrain.normalize_intensity`: the upper
-            percentile of the positive voxels maps to 1, as the brain models are trained),
-            ``"zscore"`` (``NormalizeIntensityd``: zero mean, unit variance), or ``None``.
-        centre: ``"field_of_view"`` (the steps above: the grid is centred on the resampled field of view) or
-            ``"foreground"`` (:class:`ForegroundCentredGridd`: an RAS grid of ``spatial_size`` and isotropic
-            ``pixdim`` centred on each image's foreground centroid, replacing orientation, spacing and crop).
-    """
-    if intensity not in _INTENSITY:
-        raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}")
-    if centre not in _CENTRES:
-        raise ValueError(f"centre must be one of {_CENTRES}, got {centre!r}")
-    if centre == "foreground" and (pixdim is None or spatial_size is None or len(set(pixdim)) != 1):
-        raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
-    images, labels = list(image_keys), list(label_keys)
-    keys = images + labels
-    if not images or len(set(keys)) != len(keys):
-        raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
-    transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
-    if centre == "foreground":
-        transforms.append(ForegroundCentredGridd(images, labels, pixdim[0], spatial_size))
-    else:
-        transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
-        if pixdim is not None:
-            transforms.append(
-                Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear"] * len(images) + ["nearest"] * len(labels))
-            )
-        if spatial_size is not None:
-            transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size))
-    if intensity == "foreground_percentile":
-        transforms.append(Lambdad(images, normalize_intensity))
-    elif intensity == "percentile":
-        lower, upper = percentiles
-        transforms.append(ScaleIntensityRangePercentilesd(images, lower, upper, b_min=0.0, b_max=1.0, clip=True))
-    elif intensity == "zscore":
-        transforms.append(NormalizeIntensityd(images))
-    if labels:
-        transforms.append(EnsureTyped(labels, dtype=torch.int64))
-    return Compose(transforms)

@@ -20,7 +20,7 @@ output name            file                                 content
 ``jacobian``           ``jacobian.nii.gz``                  determinant of the world-space Jacobian of the
                                                             forward map on the native fixed grid (>1: the moving
                                                             region is larger; <=0: folding)
-``metrics``            ``metrics.json``                     :func:`~monai_ext.engines.registration.pair_metrics`
+``metrics``            ``metrics.json``                     :func:`~monai_ext.metrics.overlap.pair_metrics`
                                                             (model space: Dice before / after, folding, SDlogJ,
                                                             NDV, inverse consistency)
 ``qa``                 ``qa.png``                           :func:`~monai_ext.io.qa.qa_figure` on the native grids
@@ -61,7 +61,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
-from monai_ext.engines.registration import pair_metrics
+from monai_ext.metrics.overlap import pair_metrics
 from monai_ext.io.itk_fields import write_displacement_field, write_image
 from monai_ext.io.native import ddf_model_to_native, load_image
 from monai_ext.io.qa import qa_figure
@@ -73,7 +73,7 @@ from monai_ext.io.validation import (
     check_output_dir,
     check_pairs,
 )
-from monai_ext.io.writers import atomic_output, umask_mode
+from monai_ext.data.atomic import atomic_output, umask_mode
 from monai_ext.metrics.deformation import jacobian_determinant
 from monai_ext.spatial.sampling import warp
 
@@ -247,7 +247,7 @@ def _number(value: Any, scale: float = 1.0) -> str:
 
 
 def summary_line(row: Mapping[str, Any], name: str) -> str:
-    """One line for a pair's :func:`~monai_ext.engines.registration.pair_metrics` row (``None`` = not finite),
+    """One line for a pair's :func:`~monai_ext.metrics.overlap.pair_metrics` row (``None`` = not finite),
     e.g. ``moving__fixed: Dice 0.716 -> 0.841, folding 0.000% of voxels``."""
     parts = [name + ":"]
     if "dice" in row:
@@ -282,7 +282,7 @@ class RegistrationWriter:
         outputs: names from :data:`OUTPUTS` (default: all). Outputs whose inputs are absent (labels,
             ``inverse_ddf``) are skipped for that pair with a log message.
         labels: label values for the metrics (default: those present), see
-            :func:`~monai_ext.engines.registration.pair_metrics`.
+            :func:`~monai_ext.metrics.overlap.pair_metrics`.
         hd95: add HD95 (voxels) to ``metrics.json``.
         moving_key, fixed_key, moving_label_key, fixed_label_key: keys of the engine output.
         overwrite: write into a pair folder that exists already, replacing only the files of the same names

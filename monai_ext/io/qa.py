@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from monai_ext.io.writers import atomic_output
+from monai_ext.data.atomic import atomic_output
 from monai_ext.metrics.deformation import jacobian_determinant
 from monai_ext.spatial.sampling import check_ddf, voxel_grid
 

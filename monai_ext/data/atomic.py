@@ -1,11 +1,17 @@
 """Atomic file output: a destination file either appears complete or not at all.
 
-Every writer in :mod:`monai_ext.io` writes to a hidden temporary file in the destination's directory
-and moves it onto the destination with ``os.replace`` (atomic on POSIX and Windows within one file
-system). A failure part-way (an exception, a full disk) removes the temporary file and leaves any
-earlier file at the destination untouched, so a command line run that fails exits without partial outputs.
-Written files and folders get the ordinary modes of the process's umask (as ``open`` and ``mkdir`` give them), not
-the private modes of Python's temporary files.
+The one atomic writer of the package. Every file the package writes as a whole (prepared dataset volumes in
+:mod:`monai_ext.data`, metric tables of :mod:`monai_ext.metrics` and :mod:`monai_ext.engines`, the outputs of
+:mod:`monai_ext.io`) goes through :func:`atomic_output`: the content is written to a hidden temporary file in
+the destination's directory and moved onto the destination with ``os.replace`` (atomic on POSIX and Windows
+within one file system). The module lives in :mod:`monai_ext.data`, the lowest layer that writes files, so
+that every layer above can import it. (Downloads keep their own ``<file>.part``, :mod:`monai_ext.data.download`:
+a partial download must survive a failure to be resumed, which is the opposite of this module's clean-up.)
+
+A failure part-way (an exception, a full disk) removes the temporary file and leaves any earlier file at the
+destination untouched, so a command line run that fails exits without partial outputs. Written files and
+folders get the ordinary modes of the process's umask (as ``open`` and ``mkdir`` give them), not the private
+modes of Python's temporary files.
 """
 
 from __future__ import annotations

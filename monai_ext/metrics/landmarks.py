@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from ignite.metrics import Metric
 
-from monai_ext.io.writers import umask_mode
+from monai_ext.data.atomic import atomic_output
 from monai_ext.metrics.deformation import target_registration_error
 
 __all__ = ["LandmarkTRE"]
@@ -169,10 +168,6 @@ class LandmarkTRE(Metric):
                 "metrics": {c: {k: strict(v) for k, v in s.items()} for c, s in self.summary().items()},
                 "per_pair": [{k: strict(v) for k, v in row.items()} for row in self.rows],
             }
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # a unique temporary name: several processes (DDP ranks) may write the same file
-            fd, partial = tempfile.mkstemp(dir=self.output_dir, prefix=".tre.json.", suffix=".tmp")
-            with os.fdopen(fd, "w") as stream:
+            # a unique temporary name per writer: several processes (DDP ranks) may write the same file
+            with atomic_output(self.output_dir / "tre.json") as partial, open(partial, "w") as stream:
                 json.dump(payload, stream, indent=2)
-            umask_mode(partial)  # mkstemp makes the file private (0o600)
-            os.replace(partial, self.output_dir / "tre.json")
