@@ -50,7 +50,7 @@ def _measure(name: str, steps: int, threads: int, label_maps: str | None) -> dic
         folder = Path(label_maps) if label_maps else DEMO_DATA
         files = sorted(str(p) for p in folder.glob("*.nii*"))
         dataset = SynthBrainPairDataset(files, parser["shape"], parser["spacing"], pairs_per_epoch=steps + 1)
-        iteration = LabelRegistrationTrainIteration(parser["num_classes"])
+        iteration = LabelRegistrationTrainIteration(parser["num_classes"], parser["saturation_weight"])
 
         def batch(i: int) -> dict:
             return {k: v[None] for k, v in dataset[i].items()}

@@ -1,13 +1,13 @@
 """Ship trained weights in a bundle: ``models/model.pt``, its sha256 in ``large_files.yml``, metrics in metadata.
 
-    python scripts/ship_weights.py CHECKPOINT BUNDLE [--summary eval/validation/summary.json]
+    python scripts/ship_weights.py CHECKPOINT BUNDLE [--mean_dice 0.61]
 
 ``CHECKPOINT`` is a state dict of the bundle's ``network_def`` (as the validation ``CheckpointSaver`` writes
 ``model.pt``) or an epoch checkpoint holding it under ``network``. It is loaded into ``network_def`` of
 ``BUNDLE/configs/inference.json`` (strict: a mismatch fails here, not in a user's run), saved as a plain
 state dict to ``BUNDLE/models/model.pt`` (overwriting: one file across the history), and recorded in
-``BUNDLE/large_files.yml`` as a shipped file (empty ``url``, sha256). With ``--summary`` (a
-``RegistrationMetrics`` ``summary.json``) the mean validation Dice goes into the metadata's ``eval_metrics``.
+``BUNDLE/large_files.yml`` as a shipped file (empty ``url``, sha256). ``--mean_dice`` (the checkpoint's
+validation Dice, e.g. the "best value" the training log reports for it) goes into the metadata's ``eval_metrics``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("bundle")
-    parser.add_argument("--summary", default=None)
+    parser.add_argument("--mean_dice", type=float, default=None)
     args = parser.parse_args()
     bundle = Path(args.bundle)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -48,11 +48,10 @@ def main() -> None:
     entry = {"path": "models/model.pt", "url": "", "hash_val": digest, "hash_type": "sha256"}
     (bundle / "large_files.yml").write_text(HEADER + yaml.safe_dump({"large_files": [entry]}, sort_keys=False))
     print(f"{target}: {target.stat().st_size / 1e6:.2f} MB, sha256 {digest}")
-    if args.summary:
-        summary = json.loads(Path(args.summary).read_text())
+    if args.mean_dice is not None:
         meta_path = bundle / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text())
-        meta["eval_metrics"] = {"mean_dice": round(summary["metrics"]["dice"]["mean"], 4)}
+        meta["eval_metrics"] = {"mean_dice": round(args.mean_dice, 4)}
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
         print(f"eval_metrics: {meta['eval_metrics']}")
 
