@@ -91,8 +91,9 @@ def check_bundle(
         if not isinstance(entries, list):
             raise ValueError(f"{found[0].name} has no 'large_files' list")
         for entry in entries:
-            if not entry.get("path") or "url" not in entry:
-                raise ValueError(f"{found[0].name} entry {entry.get('path')!r} needs a path and a url")
+            missing = [k for k in ("path", "url") if k not in entry or (k == "path" and not entry[k])]
+            if missing:
+                raise ValueError(f"{found[0].name} entry {entry.get('path')!r} lacks {', '.join(missing)}")
             if bool(entry.get("hash_val")) != bool(entry.get("hash_type")):
                 raise ValueError(f"{found[0].name} entry {entry['path']!r}: hash_val and hash_type go together")
             if entry.get("hash_type") and entry["hash_type"] not in HASH_TYPES:

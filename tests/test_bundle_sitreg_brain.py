@@ -178,3 +178,18 @@ def test_train_config_trains_validates_and_resumes(tmp_path, label_folder):
     assert sorted(p.name for p in (tmp_path / "models" / "epochs").iterdir()) == ["checkpoint_epoch=1.pt"]
     resumed = _train(tmp_path, label_folder, max_epochs=2).get_parsed_content("train#trainer")
     assert resumed.state.epoch == 2 and resumed.state.iteration == 4  # continued, not restarted
+
+
+def test_shipped_weights_match_their_hash_and_the_network():
+    entries = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    entry = next(e for e in entries if e["path"] == "models/model.pt")
+    weights = BUNDLE / "models" / "model.pt"
+    assert entry["hash_type"] == "sha256" and entry["url"] == ""  # shipped in the bundle, checked by hash
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry["hash_val"]
+    assert weights.stat().st_size < 20_000_000
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert 0.4 < meta["eval_metrics"]["mean_dice"] < 1

@@ -59,7 +59,9 @@ def test_keypoint_detector_onnx(tmp_path):  # onnx comes with the dev extra
 )
 def test_keypoint_detector_onnx_runs_under_onnxruntime(tmp_path, backbone, shape):
     """The exported graph, run by onnxruntime on inputs other than the export example, gives the eager
-    keypoints ``(B, K, n)`` and heatmap masses ``(B, K)`` within 1e-5 (onnxruntime comes with the dev extra)."""
+    keypoints ``(B, K, n)`` within 3e-5 and heatmap masses ``(B, K)`` within 1e-5 relative (onnxruntime comes with
+    the dev extra). Keypoints are heatmap-weighted float32 sums whose order differs between the two runtimes and
+    with the thread count: observed up to 1.05e-5 with 2 threads, so 1e-5 alone is at the edge of float32."""
     import onnxruntime
 
     torch.manual_seed(0)
@@ -77,7 +79,7 @@ def test_keypoint_detector_onnx_runs_under_onnxruntime(tmp_path, backbone, shape
         assert onnx_points.shape == points.shape and onnx_masses.shape == masses.shape
         # keypoints: normalised coordinates in [-1, 1], absolute error; masses: sums of a heatmap (hundreds here),
         # float32 sums in another order, relative error
-        assert float((onnx_points - points).abs().max()) <= 1e-5
+        assert float((onnx_points - points).abs().max()) <= 3e-5
         assert float(((onnx_masses - masses).abs() / masses.abs().clamp_min(1.0)).max()) <= 1e-5
 
 
