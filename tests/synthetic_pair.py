@@ -11,6 +11,17 @@ import numpy as np
 
 from monai_ext.data.synthesis import make_synthetic_pair
 
+#: command-line overrides for a 2-level, 8-channel SITReg (sitreg_oasis configs) with one instance-optimisation
+#: step: seconds per pair on a CPU
+TINY_SITREG = [
+    "--instance_optimization_steps", "1",
+    "--crop", "None",
+    "--network_def#features", "[8,8]",
+    "--network_def#feature_convolutions", "[1,1]",
+    "--network_def#deformation_features", "[8,8]",
+    "--network_def#deformation_convolutions", "[1,1]",
+]  # fmt: skip
+
 FILES = {
     "moving_image": "moving.nii.gz",
     "moving_label": "moving_label.nii.gz",

@@ -14,20 +14,12 @@ import pytest
 
 from monai_ext.cli import InputError, bundle_path, main, pair_files
 from synthetic_pair import test_affine as demo_affine
-from synthetic_pair import write_synthetic_pair
+from synthetic_pair import TINY_SITREG, write_synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 16)
 # a 2-level SITReg with 8 channels and one instance-optimisation step: seconds per pair on a CPU
-TINY = [
-    "--load_pretrained", "False",
-    "--instance_optimization_steps", "1",
-    "--crop", "None",
-    "--network_def#features", "[8,8]",
-    "--network_def#feature_convolutions", "[1,1]",
-    "--network_def#deformation_features", "[8,8]",
-    "--network_def#deformation_convolutions", "[1,1]",
-]
+TINY = ["--load_pretrained", "False", *TINY_SITREG]
 
 
 def _touch(*paths: Path) -> None:

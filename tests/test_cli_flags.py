@@ -16,18 +16,11 @@ import pytest
 import monai_ext.cli as cli
 from monai_ext.__main__ import main as package_main
 from monai_ext.cli import InputError, as_bool, main
-from synthetic_pair import write_synthetic_pair
+from synthetic_pair import TINY_SITREG, write_synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 16)
-TINY = [
-    "--instance_optimization_steps", "1",
-    "--crop", "None",
-    "--network_def#features", "[8,8]",
-    "--network_def#feature_convolutions", "[1,1]",
-    "--network_def#deformation_features", "[8,8]",
-    "--network_def#deformation_convolutions", "[1,1]",
-]
+TINY = TINY_SITREG
 
 
 @pytest.fixture(scope="module")

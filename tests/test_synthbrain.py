@@ -118,8 +118,8 @@ def test_pair_dataset_items_are_reproducible_and_consistent():
         image, label = item[f"{side}_image"], item[f"{side}_label"]
         assert image.shape == label.shape == (1, *SHAPE)
         assert label.dtype == torch.int64 and 0 <= int(label.min()) and int(label.max()) <= len(BRAIN_LABELS)
-        # the image is zero outside the intracranial labels; inside, only noise can reach 0
-        assert torch.all(image[label == 0][image[label == 0] > 0] < 1) and float((image[label > 0] > 0).float().mean()) > 0.99
+        # inside the brain structures only noise can push a voxel to 0
+        assert float((image[label > 0] > 0).float().mean()) > 0.99
         assert len(label.unique()) > 20
     with pytest.raises(IndexError):
         dataset[3]

@@ -135,6 +135,26 @@ def backward_and_step(engine: Any, terms: Mapping[str, torch.Tensor], loss: torc
     engine.optimizer.step()
 
 
+def _forward_completed(
+    engine: Any,
+    keys: Sequence[str],
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    forward_ddf: torch.Tensor,
+    inverse_ddf: torch.Tensor,
+) -> None:
+    """Publish a training step's forward results in ``engine.state.output`` (images under ``keys``, both DDFs,
+    ``pred`` = forward DDF) and fire ``FORWARD_COMPLETED``, as MONAI's own iteration does."""
+    engine.state.output = {
+        keys[0]: moving,
+        keys[1]: fixed,
+        "forward_ddf": forward_ddf,
+        "inverse_ddf": inverse_ddf,
+        Keys.PRED: forward_ddf,
+    }
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+
 class RegistrationTrainIteration:
     """``iteration_update`` for ``SupervisedTrainer``: one symmetric registration training step.
 
@@ -170,14 +190,7 @@ class RegistrationTrainIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         forward_ddf, inverse_ddf = forward_and_inverse(engine.network, moving, fixed)
-        engine.state.output = {
-            self.keys[0]: moving,
-            self.keys[1]: fixed,
-            "forward_ddf": forward_ddf,
-            "inverse_ddf": inverse_ddf,
-            Keys.PRED: forward_ddf,
-        }
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        _forward_completed(engine, self.keys[:2], moving, fixed, forward_ddf, inverse_ddf)
         terms = engine.loss_function(
             moving, fixed, forward_ddf, inverse_ddf, moving_mask=moving_mask, fixed_mask=fixed_mask
         )
@@ -296,14 +309,7 @@ class LabelRegistrationTrainIteration:
         finally:
             for hook in hooks:
                 hook.remove()
-        engine.state.output = {
-            self.keys[0]: moving,
-            self.keys[1]: fixed,
-            "forward_ddf": forward_ddf,
-            "inverse_ddf": inverse_ddf,
-            Keys.PRED: forward_ddf,
-        }
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        _forward_completed(engine, self.keys[:2], moving, fixed, forward_ddf, inverse_ddf)
         shape = forward_ddf.shape[2:]
         terms = as_loss_terms(
             engine.loss_function(
