@@ -16,6 +16,7 @@ from monai_ext.engines.keymorph import (
     KeyMorphPretrainIteration,
     KeyMorphTrainIteration,
     ReferenceKeypoints,
+    label_centroids,
     one_hot_label_pair,
     sample_reference_points,
 )
@@ -178,6 +179,10 @@ def _detector() -> KeypointDetector:
     return KeypointDetector(TruncatedUNetKeypointNet(1, 8, 3, f_maps=8, num_levels=3, num_groups=4))
 
 
+def _detector3() -> KeypointDetector:
+    return KeypointDetector(TruncatedUNetKeypointNet(1, 3, 3, f_maps=8, num_levels=3, num_groups=4))
+
+
 def _run(network, data, iteration, loss, epochs, lr=1e-3, decollate=False):
     loader = torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(2))
     trainer = SupervisedTrainer(
@@ -224,6 +229,36 @@ def test_pretraining_loss_decreases(one_thread):
     # the ramp: epoch 1 of slope 2 halves every maximum, so the offsets are within 0.05 (then 0.1)
     assert outputs[0]["matrix"][0, :3, 3].abs().max() <= 0.05 * 1.05 * 1.1 + 1e-6
     assert out["image_augmented"].shape == out["image"].shape
+
+
+def test_label_centroids_are_normalised_keypoints_of_each_label():
+    label = torch.zeros(2, 1, 5, 7, 9, dtype=torch.long)
+    label[0, 0, 1:3, 2, 4] = 1
+    label[0, 0, 4, 6, 8] = 2
+    label[1, 0, 2, 3, 4] = 7  # beyond K: ignored
+    points, present = label_centroids(label, 3)
+    torch.testing.assert_close(points[0, 0], torch.tensor([-0.25, -1 / 3, 0.0]))  # voxel (1.5, 2, 4) of (5, 7, 9)
+    torch.testing.assert_close(points[0, 1], torch.ones(3))
+    assert present.tolist() == [[True, True, False], [False, False, False]]
+    with pytest.raises(ValueError, match="label map"):
+        label_centroids(label[:, 0], 3)
+
+
+def test_label_centroid_pretraining_targets_follow_the_augmentation(one_thread):
+    """Targets are the centroids of the *augmented* label map: the label centroids moved by the matrix."""
+    generator = torch.Generator().manual_seed(1)
+    data = [dict(zip(("image", "label"), _blob_case(generator))) for _ in range(4)]
+    torch.manual_seed(0)
+    iteration = KeyMorphPretrainIteration(max_params=(0.0, 0.1, 0.5, 0.0), seed=3, label_key="label")
+    outputs, losses, _ = _run(_detector3(), data, iteration, torch.nn.MSELoss(), epochs=8)
+    first, last = _decreases(losses)
+    assert last < 0.5 * first, (first, last)
+    out = outputs[-1]
+    original, _ = label_centroids(out["label"], 3)
+    moved = apply_keymorph_affine(out["matrix"], points=original)["points"]
+    torch.testing.assert_close(out["points_target"], moved, atol=0.03, rtol=0)  # nearest resampling of the balls
+    with pytest.raises(ValueError, match="exactly one"):
+        KeyMorphPretrainIteration(ReferenceKeypoints(3), label_key="label")
 
 
 def _pairs(num_cases: int = 4) -> list[dict[str, torch.Tensor]]:

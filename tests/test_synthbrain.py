@@ -17,6 +17,7 @@ from monai_ext.data.synthbrain import (
     load_brain_label_map,
     normalize_intensity,
     random_spatial_transform,
+    rotation_about_axis,
     sample_label_map,
     structure_labels,
     synthesis_index,
@@ -145,6 +146,33 @@ def test_held_out_pairs_and_splits(tmp_path):
     ]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         label_map_files(tmp_path / "missing", "train")
+
+
+def test_rotation_about_axis_is_a_proper_rotation_by_the_angle():
+    axis = np.array([1.0, -2.0, 0.5])
+    rotation = rotation_about_axis(axis, 70.0)
+    r = rotation[:3, :3]
+    assert np.allclose(r @ r.T, np.eye(3)) and np.isclose(np.linalg.det(r), 1.0)
+    assert np.allclose(r @ axis, axis) and np.allclose(rotation[:3, 3], 0)  # the axis is fixed
+    ortho = np.cross(axis, [0.0, 0.0, 1.0])
+    cosine = (r @ ortho) @ ortho / (ortho @ ortho)
+    assert np.isclose(np.degrees(np.arccos(cosine)), 70.0)
+    assert np.allclose(rotation_about_axis([0, 0, 1], 90.0)[:3, :3] @ [1, 0, 0], [0, 1, 0])  # right-handed
+    with pytest.raises(ValueError, match="non-zero"):
+        rotation_about_axis([0, 0, 0], 10.0)
+
+
+def test_held_out_pairs_rotate_the_moving_anatomy_only():
+    plain = held_out_pairs(MAPS, SHAPE, 4.0, contrasts=("t1",))
+    rotated = held_out_pairs(MAPS, SHAPE, 4.0, contrasts=("t1",), rotations=(0.0, 90.0))
+    assert [p["rotation"] for p in rotated] == [0.0, 90.0, 0.0, 90.0]
+    assert rotated[1]["moving_name"] == "training_seg_09_2mm_t1_rot90"
+    assert torch.equal(rotated[0]["moving_image"], plain[0]["moving_image"])  # angle 0: the plain pair
+    assert torch.equal(rotated[1]["fixed_label"], plain[0]["fixed_label"])  # the fixed image is never rotated
+    moved, still = rotated[1]["moving_label"], plain[0]["moving_label"]
+    # the same anatomy, rotated about its centroid: structure volumes kept, positions changed
+    assert abs(int((moved > 0).sum()) - int((still > 0).sum())) < 0.05 * int((still > 0).sum())
+    assert float(((moved > 0) == (still > 0)).float().mean()) < 0.95
 
 
 def test_grid_affine_centre():

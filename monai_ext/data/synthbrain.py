@@ -48,6 +48,7 @@ __all__ = [
     "load_brain_label_map",
     "grid_affine",
     "random_spatial_transform",
+    "rotation_about_axis",
     "sample_label_map",
     "synthesize_contrast",
     "normalize_intensity",
@@ -186,6 +187,20 @@ def random_spatial_transform(
     out = np.eye(4)
     out[:3, :3] = matrix @ np.diag(scales) @ shears
     out[:3, 3] = uniform(translation)
+    return out
+
+
+def rotation_about_axis(axis: Sequence[float], degrees: float) -> np.ndarray:
+    """4x4 rotation (mm, about the origin) by ``degrees`` about the unit vector along ``axis`` (RAS)."""
+    axis = np.asarray(axis, dtype=np.float64)
+    norm = np.linalg.norm(axis)
+    if axis.shape != (3,) or not norm > 0:
+        raise ValueError(f"axis must be a non-zero 3-vector, got {axis.tolist()}")
+    x, y, z = axis / norm
+    cross = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    angle = math.radians(float(degrees))
+    out = np.eye(4)
+    out[:3, :3] = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross  # Rodrigues
     return out
 
 
@@ -359,17 +374,22 @@ def render_pair(
     spacing: float,
     t1_like: bool,
     generator: torch.Generator,
+    moving_transform: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One pair without spatial augmentation: each map sampled on a grid centred on its own brain's centroid
-    (as :class:`SynthBrainPairDataset`), images synthesised (:func:`synthesize_contrast`) from ``generator``.
+    """One pair: each map sampled on a grid centred on its own brain's centroid (as
+    :class:`SynthBrainPairDataset`), images synthesised (:func:`synthesize_contrast`) from ``generator``.
+
+    ``moving_transform`` (4x4, mm, about the moving brain's centroid; e.g. :func:`rotation_about_axis`)
+    maps the moving grid into the moving map, so the moving anatomy appears transformed by its inverse;
+    ``None``: no spatial augmentation.
 
     Returns ``moving_image`` / ``fixed_image`` ``(1, *shape)`` float32 and ``moving_label`` / ``fixed_label``
     ``(1, *shape)`` int64 structure indices.
     """
     shape = tuple(int(s) for s in shape)
     item: dict[str, torch.Tensor] = {}
-    for side, label_map in (("moving", moving), ("fixed", fixed)):
-        index = sample_label_map(label_map, shape, grid_affine(shape, spacing, label_map.centroid))
+    for side, label_map, transform in (("moving", moving, moving_transform), ("fixed", fixed, None)):
+        index = sample_label_map(label_map, shape, grid_affine(shape, spacing, label_map.centroid), transform)
         item[f"{side}_image"] = synthesize_contrast(index, generator, t1_like, spacing)[None]
         item[f"{side}_label"] = structure_labels(index)[None]
     return item
@@ -381,11 +401,16 @@ def held_out_pairs(
     spacing: float = 2.0,
     contrasts: Sequence[str] = ("t1", "random"),
     seed: int = 0,
+    rotations: Sequence[float] = (0.0,),
 ) -> list[dict[str, torch.Tensor | str]]:
     """Fixed validation pairs: every ordered pair of distinct ``label_maps`` in every contrast (``"t1"``:
-    T1-like, ``"random"``: random) by :func:`render_pair`. Deterministic for ``seed``.
+    T1-like, ``"random"``: random) and every moving rotation by :func:`render_pair`. Deterministic for ``seed``.
 
-    Items are :func:`render_pair` items plus ``moving_name`` / ``fixed_name`` (``<map>_<contrast>``).
+    ``rotations`` (degrees): for each angle ``a`` the moving image is rotated by ``a`` about a random axis
+    (drawn from the pair's seed) through its brain's centroid; ``(0,)`` gives the plain pairs.
+
+    Items are :func:`render_pair` items plus ``moving_name`` / ``fixed_name`` (``<map>_<contrast>``, the
+    moving one with ``_rot<a>`` for ``a != 0``) and ``rotation`` (degrees, float).
     """
     maps = [load_brain_label_map(path) for path in label_maps]
     pairs = []
@@ -396,9 +421,17 @@ def held_out_pairs(
             for j, fixed in enumerate(maps):
                 if i == j:
                     continue
-                generator = torch.Generator().manual_seed(seed + 1000 * contrast_index + 10 * i + j)
-                item: dict[str, torch.Tensor | str] = dict(render_pair(moving, fixed, shape, spacing, contrast == "t1", generator))
-                item["moving_name"] = f"{moving.name.split('.')[0]}_{contrast}"
-                item["fixed_name"] = f"{fixed.name.split('.')[0]}_{contrast}"
-                pairs.append(item)
+                for angle in rotations:
+                    generator = torch.Generator().manual_seed(seed + 1000 * contrast_index + 10 * i + j)
+                    transform = None
+                    if angle:
+                        transform = rotation_about_axis(torch.randn(3, generator=generator, dtype=torch.float64).numpy(), angle)
+                    item: dict[str, torch.Tensor | str] = dict(
+                        render_pair(moving, fixed, shape, spacing, contrast == "t1", generator, transform)
+                    )
+                    suffix = f"_rot{angle:g}" if angle else ""
+                    item["moving_name"] = f"{moving.name.split('.')[0]}_{contrast}{suffix}"
+                    item["fixed_name"] = f"{fixed.name.split('.')[0]}_{contrast}"
+                    item["rotation"] = float(angle)
+                    pairs.append(item)
     return pairs

@@ -9,7 +9,9 @@ iteration through its ``iteration_update`` argument, so handlers, checkpointing 
 
 * :class:`KeyMorphPretrainIteration` (KeyMorph's self-supervised pretraining): the detector learns to put
   keypoint ``k`` at the ``k``-th of ``K`` random reference locations (:class:`ReferenceKeypoints`, sampled once
-  from the first image and saved in the checkpoint), co-transformed with a random affine augmentation.
+  from the first image and saved in the checkpoint), co-transformed with a random affine augmentation; or,
+  when the images come with label maps (``label_key``), at the centroid of label ``k`` (:func:`label_centroids`):
+  anatomical targets that correspond across subjects, which the random reference points of one subject do not.
 * :class:`KeyMorphTrainIteration` (the reference's training step): moving image augmented, registered to the
   fixed image by ``engine.network`` (a :class:`~monai_ext.networks.keymorph.KeyMorph`), loss on the warped image
   (MSE / LNCC) or on warped one-hot labels (soft Dice, :class:`~monai_ext.losses.keymorph.KeyMorphLoss`), plus
@@ -37,6 +39,7 @@ from monai_ext.data.keymorph_augmentation import (
     check_max_params,
     random_keymorph_affine,
 )
+from monai_ext.engines.affine_refinement import refine_keymorph_result
 from monai_ext.engines.registration import as_loss_terms, backward_and_step, pair_from_batch, to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
 from monai_ext.networks.keymorph import fit_keypoint_transform, normalized_to_voxels, parse_alignment
@@ -48,6 +51,7 @@ __all__ = [
     "sample_reference_points",
     "ReferenceKeypoints",
     "one_hot_label_pair",
+    "label_centroids",
     "KeyMorphPretrainIteration",
     "KeyMorphTrainIteration",
 ]
@@ -164,6 +168,38 @@ def one_hot_label_pair(
     return (fixed_ids == channels).float(), (moving_ids == channels).float(), labels
 
 
+def label_centroids(label: torch.Tensor, num_keypoints: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids of labels ``1 .. num_keypoints`` of an integer label map ``(B, 1, *spatial)`` as keypoints.
+
+    Returns ``(points, present)``: ``(B, K, n)`` normalised ``ij`` coordinates (align_corners=True: voxel ``i`` of
+    ``N`` at ``-1 + 2 i / (N - 1)``, the keypoints' convention) and ``(B, K)`` bool, False for labels absent from
+    an item (their points are 0). Values outside ``0 .. K`` are ignored.
+    """
+    if not isinstance(label, torch.Tensor) or label.ndim not in (4, 5) or label.shape[1] != 1:
+        shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
+        raise ValueError(f"label must be an integer label map (B, 1, *spatial), got {shape}")
+    if int(num_keypoints) < 1:
+        raise ValueError(f"num_keypoints must be >= 1, got {num_keypoints}")
+    k = int(num_keypoints)
+    batch, shape = label.shape[0], label.shape[2:]
+    ids = label.round().long().flatten(1)  # (B, V)
+    ids = torch.where((ids >= 1) & (ids <= k), ids, torch.zeros_like(ids))
+    offset = (torch.arange(batch, device=ids.device) * (k + 1))[:, None]
+    counts = torch.bincount((ids + offset).flatten(), minlength=batch * (k + 1)).view(batch, k + 1)[:, 1:]
+    axes = [
+        torch.linspace(-1, 1, s, dtype=torch.float64, device=ids.device) if s > 1 else torch.zeros(1, dtype=torch.float64)
+        for s in shape
+    ]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))  # (V, n)
+    sums = torch.zeros(batch * (k + 1), len(shape), dtype=torch.float64, device=ids.device)
+    sums.index_add_(0, (ids + offset).flatten(), coords.repeat(batch, 1))
+    sums = sums.view(batch, k + 1, -1)[:, 1:]
+    present = counts > 0
+    points = sums / counts.clamp(min=1)[..., None]
+    dtype = label.dtype if label.is_floating_point() else torch.float32
+    return points.to(dtype), present
+
+
 def _model(network: nn.Module) -> nn.Module:
     """The module behind a ``DataParallel`` / ``DistributedDataParallel`` wrapper."""
     return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
@@ -206,19 +242,24 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
     """``iteration_update`` for ``SupervisedTrainer``: one step of KeyMorph's self-supervised pretraining.
 
     For a batch image ``x`` ``(B, 1, *spatial)`` (any subject, any modality): draw ``M`` with the maxima scaled by
-    the ramp ``min(epoch / affine_slope, 1)``, ``x' = warp(x, M)``, target ``t = M . ref_points``, prediction
-    ``p = keypoints(x')``, loss ``engine.loss_function(p, t)`` (``torch.nn.MSELoss()``: the reference's
-    ``F.mse_loss``); backward and ``engine.optimizer`` step. ``engine.network`` is a
-    :class:`~monai_ext.networks.keymorph.KeyMorph` (its ``keypoints``) or a keypoint detector returning
-    ``(B, K, n)`` points. The reference points are sampled from the first batch's first image if ``reference`` is
-    not yet initialised.
+    the ramp ``min(epoch / affine_slope, 1)``, ``x' = warp(x, M)``, prediction ``p = keypoints(x')``, loss
+    ``engine.loss_function(p, t)`` (``torch.nn.MSELoss()``: the reference's ``F.mse_loss``); backward and
+    ``engine.optimizer`` step. The targets ``t``:
 
-    ``engine.state.output``: ``image`` (the input), ``image_augmented``, ``matrix``, ``points`` (also ``pred``),
-    ``points_target`` and ``loss``. Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``,
-    ``MODEL_COMPLETED``.
+    * ``reference`` given (the paper's recipe): ``t = M . ref_points``; the reference points are sampled from the
+      first batch's first image if ``reference`` is not yet initialised;
+    * ``label_key`` given: the centroids of labels ``1 .. K`` of the batch's label map warped by ``M`` (nearest;
+      :func:`label_centroids`), the loss taken over the labels present only.
+
+    ``engine.network`` is a :class:`~monai_ext.networks.keymorph.KeyMorph` (its ``keypoints``) or a keypoint
+    detector returning ``(B, K, n)`` points.
+
+    ``engine.state.output``: ``image`` (the input; and ``label`` in label mode), ``image_augmented``, ``matrix``,
+    ``points`` (also ``pred``), ``points_target`` and ``loss``. Fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED``,
+    ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``.
 
     Args:
-        reference: the target holder (save it with the checkpoint).
+        reference: the target holder (save it with the checkpoint); give it or ``label_key``.
         max_params: augmentation maxima ``(s, o, a, z)`` (reference pretraining ``(0.2, 0.2, 3.1416, 0.1)``).
         affine_slope: ramp length in epochs (``<= 0``: no ramp; 1000 in the reference's README, 5000 for
             BrainMorph).
@@ -227,11 +268,12 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
         shared: one augmentation for the whole batch (reference) or one per item.
         reference_grid: the reference's mixed image read convention for the augmentation.
         seed: seed of a private generator for augmentations and reference points (global RNG if None).
+        label_key: batch key of an integer label map ``(B, 1, *spatial)`` with labels ``1 .. K`` (``K`` keypoints).
     """
 
     def __init__(
         self,
-        reference: ReferenceKeypoints,
+        reference: ReferenceKeypoints | None = None,
         max_params: Sequence[float] = (0.2, 0.2, 3.1416, 0.1),
         affine_slope: float = -1,
         image_key: str = "image",
@@ -239,33 +281,49 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
         shared: bool = True,
         reference_grid: bool = False,
         seed: int | None = None,
+        label_key: str | None = None,
     ) -> None:
-        if not isinstance(reference, ReferenceKeypoints):
+        if (reference is None) == (label_key is None):
+            raise ValueError("give exactly one of reference (random reference points) and label_key (label centroids)")
+        if reference is not None and not isinstance(reference, ReferenceKeypoints):
             raise TypeError(f"reference must be a ReferenceKeypoints, got {type(reference).__name__}")
         super().__init__(max_params, affine_slope, shared, seed)
         self.reference = reference
         self.image_key = image_key
+        self.label_key = label_key
         self.threshold = threshold
         self.reference_grid = reference_grid
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         self._check_engine(engine, batchdata)
-        (image,) = to_device(engine, batchdata, (self.image_key,))
-        if image is None:
-            raise ValueError(f"batch must contain {self.image_key!r}, got keys {sorted(batchdata)}")
-        if not bool(self.reference.initialized):
-            self.reference.sample_(image, self.threshold, self.generator)
-        targets = self.reference().to(dtype=image.dtype, device=image.device).expand(image.shape[0], -1, -1)
+        image, label = to_device(engine, batchdata, (self.image_key, self.label_key))
+        if image is None or (self.label_key is not None and label is None):
+            wanted = [k for k in (self.image_key, self.label_key) if k]
+            raise ValueError(f"batch must contain {wanted}, got keys {sorted(batchdata)}")
         matrix = self.random_matrix(engine, image)
-        augmented = image
-        if matrix is not None:
-            augmented = apply_keymorph_affine(matrix, image=image, reference_grid=self.reference_grid)["image"]
-            targets = transform_points(matrix, targets)
+        augmented, inputs = image, {self.image_key: image}
+        if self.label_key is not None:
+            inputs[self.label_key] = label
+        if self.reference is not None:
+            if not bool(self.reference.initialized):
+                self.reference.sample_(image, self.threshold, self.generator)
+            targets = self.reference().to(dtype=image.dtype, device=image.device).expand(image.shape[0], -1, -1)
+            if matrix is not None:
+                augmented = apply_keymorph_affine(matrix, image=image, reference_grid=self.reference_grid)["image"]
+                targets = transform_points(matrix, targets)
+            present = None
+        else:
+            if matrix is not None:
+                warped = apply_keymorph_affine(matrix, image=image, label=label, reference_grid=self.reference_grid)
+                augmented, label = warped["image"], warped["label"]
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         points = _keypoints(engine.network, augmented)
+        if self.label_key is not None:
+            targets, present = label_centroids(label, points.shape[1])
+            targets = targets.to(dtype=points.dtype, device=points.device)
         engine.state.output = {
-            self.image_key: image,
+            **inputs,
             f"{self.image_key}_augmented": augmented,
             "matrix": matrix,
             "points": points,
@@ -273,7 +331,10 @@ class KeyMorphPretrainIteration(_AugmentingIteration):
             Keys.PRED: points,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss = engine.loss_function(points, targets).mean()
+        if present is None:
+            loss = engine.loss_function(points, targets).mean()
+        else:
+            loss = engine.loss_function(points[present], targets[present]).mean()
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()
@@ -441,6 +502,9 @@ class KeyMorphInferenceIteration:
         alignments: names (``affine``, ``rigid``, ``tps_<lambda>``; random-lambda names draw per call).
         inverse: also compute ``inverse_ddf`` (inverse outputs, ``dice_inverse``, inverse consistency).
         moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
+        refine_steps: affine / rigid alignments are refined by mutual information with this many Adam steps per
+            resolution level, coarse first (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`;
+            batch size 1, consistent grid convention); ``()`` or zeros: the keypoint fit only.
     """
 
     def __init__(
@@ -451,6 +515,7 @@ class KeyMorphInferenceIteration:
         fixed_key: str = "fixed_image",
         moving_label_key: str = "moving_label",
         fixed_label_key: str = "fixed_label",
+        refine_steps: Sequence[int] = (),
     ) -> None:
         if isinstance(alignments, str):
             alignments = [alignments]
@@ -461,6 +526,7 @@ class KeyMorphInferenceIteration:
         self.alignments = list(alignments)
         self.inverse = inverse
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
+        self.refine_steps = tuple(int(s) for s in refine_steps)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         moving, fixed, moving_label, fixed_label = pair_from_batch(engine, batchdata, self.keys)
@@ -471,6 +537,13 @@ class KeyMorphInferenceIteration:
         reference_grid = bool(getattr(model, "reference_grid", False))
         with torch.no_grad():
             results = model.register(moving, fixed, self.alignments)
+        if sum(self.refine_steps):
+            if reference_grid or moving.shape[0] != 1:
+                raise ValueError("refine_steps needs batch size 1 and the consistent grid convention (reference_grid=False)")
+            for name, result in results.items():
+                if "inverse_matrix_voxel" in result:
+                    plain = [convert_to_tensor(x, track_meta=False).float() for x in (moving, fixed)]
+                    results[name] = refine_keymorph_result(result, *plain, self.refine_steps)
         output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
         output.update({self.keys[0]: moving, self.keys[1]: fixed})
         if moving_label is not None and fixed_label is not None:
