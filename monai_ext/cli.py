@@ -8,7 +8,11 @@ Commands::
     python -m monai_ext demo [--out demo_out] [--seed 0] [--<config id> VALUE ...]
     python -m monai_ext COMMAND [BUNDLE] --help       # every flag with its default (and the bundle's config ids)
 
-``BUNDLE`` is a bundle folder or the name of one under this repository's ``bundles/`` (e.g. ``sitreg_oasis``).
+``BUNDLE`` is a bundle folder, the name of one under this repository's ``bundles/`` (e.g. ``sitreg_oasis``) or an
+alias of :data:`BUNDLE_ALIASES`: ``brain`` is ``sitreg_brain_raw``, raw (unaligned) brain pairs registered by the
+KeyMorph affine then the SITReg deformable brain model, one transform per pair (``affine_itk.mat`` +
+``deformable_field_itk.nii.gz``): ``antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz
+-t deformable_field_itk.nii.gz -t affine_itk.mat -o warped.nii.gz``.
 ``register`` runs the bundle's ``configs/inference.json`` workflow with ``pairs`` and ``output_dir`` overridden;
 ``evaluate`` runs ``configs/train.json`` + ``configs/evaluate.json`` (the bundle's test-set evaluation); ``demo``
 is :func:`monai_ext.demo.demo`, added to the commands of :func:`main` by :mod:`monai_ext.__main__` (the demo
@@ -32,7 +36,9 @@ network on each pair first) and ``--weights PATH`` uses another weights file.
 Bad input (a missing or unreadable file, an image of the wrong dimensionality, non-finite or constant voxels, a
 label map whose grid differs from its image's, a self pair, an output location that is a file or not writable,
 an existing pair folder without ``--overwrite``, missing weights, an unknown flag or a bad value) is reported
-as one line ``error: <message>`` on stderr with exit status 2, before anything is computed or written. SIGINT
+as one line ``error: <message>`` on stderr with exit status 2, before anything is computed or written; so is a
+pair whose keypoints admit no affine (:class:`~monai_ext.engines.affine_deformable.AffineFitError`, found during
+the run: the pairs before it are written, that pair leaves nothing). SIGINT
 and SIGTERM stop a command with one line on stderr and exit status 130 / 143; temporary files are removed and
 no partial output is left.
 """
@@ -57,6 +63,7 @@ from monai.bundle import ConfigParser, create_workflow
 from monai.data import decollate_batch
 from tqdm import tqdm  # a dependency of huggingface_hub, which this package requires
 
+from monai_ext.engines.affine_deformable import AffineFitError
 from monai_ext.metrics.overlap import pair_metrics
 from monai_ext.io.outputs import pair_folder_name, pair_folder_names, summary_line
 from monai_ext.io.validation import InputError, check_existing_outputs, check_output_dir, check_pairs
@@ -64,6 +71,7 @@ from monai_ext.io.validation import InputError, check_existing_outputs, check_ou
 __all__ = [
     "InputError",
     "IMAGE_SUFFIXES",
+    "BUNDLE_ALIASES",
     "as_bool",
     "bundle_path",
     "pair_files",
@@ -77,16 +85,21 @@ __all__ = [
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 _PAIR_KEYS = (("moving_image", "moving_label"), ("fixed_image", "fixed_label"))
+#: short names of bundles under ``bundles/`` (a bundle folder of the same name in the working directory wins)
+BUNDLE_ALIASES = {"brain": "sitreg_brain_raw"}
 
 
 def bundle_path(bundle: str | os.PathLike) -> Path:
-    """A bundle folder (holding ``configs/``) from a path or a bundle name under the repository's ``bundles/``."""
+    """A bundle folder (holding ``configs/``) from a path, an alias (:data:`BUNDLE_ALIASES`) or a bundle name under
+    the repository's ``bundles/``."""
     path = Path(bundle)
-    for candidate in (path, _BUNDLES / path):
+    alias = BUNDLE_ALIASES.get(str(bundle))
+    for candidate in (path, *([_BUNDLES / alias] if alias else []), _BUNDLES / path):
         if (candidate / "configs").is_dir():
             return candidate.resolve()
     known = sorted(p.name for p in _BUNDLES.glob("*") if (p / "configs").is_dir())
-    raise InputError(f"bundle {str(bundle)!r} not found: give a bundle folder or one of {known}")
+    aliases = sorted(BUNDLE_ALIASES)
+    raise InputError(f"bundle {str(bundle)!r} not found: give a bundle folder, an alias {aliases} or one of {known}")
 
 
 def _stem(path: Path) -> str:
@@ -264,10 +277,14 @@ def _check_overrides(parser: ConfigParser, override: Mapping[str, Any], bundle_d
 
 
 def _input_error(err: BaseException) -> InputError | None:
-    """The :class:`InputError` that ``err`` is or was raised from (MONAI wraps errors of config expressions)."""
+    """The :class:`InputError` that ``err`` is or was raised from (MONAI wraps errors of config expressions), or
+    one carrying the message of an :class:`~monai_ext.engines.affine_deformable.AffineFitError` (a pair the
+    affine stage cannot align)."""
     while err is not None:
         if isinstance(err, InputError):
             return err
+        if isinstance(err, AffineFitError):
+            return InputError(str(err))
         err = err.__cause__ or err.__context__
     return None
 
@@ -347,17 +364,19 @@ def _check_workflow_inputs(parser: ConfigParser) -> None:
         if pairs:
             overwrite = bool(parser.get_parsed_content("overwrite")) if "overwrite" in parser else False
             check_existing_outputs(output_dir, pair_folder_names(pairs), overwrite)
-    if "load_pretrained" in parser and parser.get_parsed_content("load_pretrained") and "ckpt_path" in parser:
-        weights = str(parser.get_parsed_content("ckpt_path"))
+    weights = []
+    if "load_pretrained" in parser and parser.get_parsed_content("load_pretrained"):
+        # ckpt_path: the network's weights (--weights); affine_ckpt_path: an affine stage's (two-stage bundles)
+        weights = [str(parser.get_parsed_content(k)) for k in ("ckpt_path", "affine_ckpt_path") if k in parser]
     elif "checkpoint" in parser:
-        weights = str(parser.get_parsed_content("checkpoint") or "")
-    else:
-        weights = ""
-    if weights and not Path(weights).is_file():
-        raise InputError(
-            f"trained weights not found: {weights} (train the bundle, give them with --weights PATH, or register "
-            "without them: --no_weights --instance_optimization_steps N)"
-        )
+        weights = [str(parser.get_parsed_content("checkpoint") or "")]
+    for path in weights:
+        if path and not Path(path).is_file():
+            raise InputError(
+                f"trained weights not found: {path} (train the bundle, give them with --weights PATH (the affine "
+                "stage's with --affine_ckpt_path PATH), or register without them: --no_weights "
+                "--instance_optimization_steps N)"
+            )
 
 
 def _announce_weights(parser: ConfigParser) -> None:
@@ -409,7 +428,11 @@ def register(
     """Register MOVING to FIXED with ``<bundle>/configs/inference.json`` and write the outputs into ``out``.
 
     Args:
-        bundle: bundle folder or name under ``bundles/`` (SITReg or KeyMorph, the same flags for both).
+        bundle: bundle folder, name under ``bundles/`` (SITReg or KeyMorph, the same flags for both) or alias:
+            ``brain`` = ``sitreg_brain_raw`` for raw (unaligned) brain scans in any orientation, voxel size and
+            position (KeyMorph affine, then SITReg deformable; writes ``affine_itk.mat`` and
+            ``deformable_field_itk.nii.gz``, applied by ``antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz
+            -t deformable_field_itk.nii.gz -t affine_itk.mat -o warped.nii.gz``).
         moving: moving image file, or a folder of images paired by file name with those of ``fixed``.
         fixed: fixed image file or folder.
         out: output folder (the config's ``output_dir``): one sub-folder ``<moving>__<fixed>`` per pair.
@@ -419,7 +442,8 @@ def register(
             are kept); without it an existing pair folder is an error.
         no_weights: register without trained weights (random initial network); add
             ``--instance_optimization_steps N`` to optimise the network on each pair first.
-        weights: trained weights file to use instead of the bundle's ``models/`` file.
+        weights: trained weights file to use instead of the bundle's ``models/`` file (``brain``: the deformable
+            model's; the affine model's is ``--affine_ckpt_path PATH``).
         config: extra config files under ``<bundle>/configs`` merged after ``inference.json`` (e.g. ``demo.json``).
         override: other ``--<config id> VALUE`` overrides of the bundle's configs, e.g.
             ``--instance_optimization_steps 50`` (``register BUNDLE --help`` lists the ids).
@@ -581,7 +605,14 @@ def _help(name: str, command: Callable[..., Any], positional: Sequence[str]) -> 
     flags = [(k, p.default) for k, p in signature.parameters.items() if p.default is not p.empty]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     usage = f"usage: python -m monai_ext {name} {' '.join(k.upper() for k in required)} [flags]"
-    lines = [usage, "", inspect.getdoc(command) or "", "", "flags (default):"]
+    lines = [usage, "", inspect.getdoc(command) or ""]
+    if "bundle" in required:
+        lines += ["", "bundle aliases:"]
+        for alias, target in BUNDLE_ALIASES.items():
+            meta = _BUNDLES / target / "configs" / "metadata.json"
+            title = json.loads(meta.read_text()).get("name", "") if meta.is_file() else ""
+            lines.append(f"  {alias} = bundles/{target}" + (f": {title}" if title else ""))
+    lines += ["", "flags (default):"]
     lines += [f"  --{k} ({d!r})" for k, d in flags]
     if takes_any:
         lines.append("  --<config id> VALUE: any id of the bundle's configs (give BUNDLE before --help to list them)")

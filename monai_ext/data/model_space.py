@@ -2,14 +2,15 @@
 
 A bundle's network sees images after MONAI preprocessing: reorientation to RAS, resampling to a fixed voxel
 size, crop/pad to a fixed shape and intensity scaling (:func:`model_space_transforms`), or a grid centred on
-each image's foreground (:class:`ForegroundCentredGridd`). The grid of the result is described by its
-``MetaTensor.affine`` (voxel to RAS mm), which :func:`monai_ext.io.native.ddf_model_to_native` uses to bring a
-model-space DDF back to the files' native grids.
+each image's foreground (:class:`ForegroundCentredGridd`), optionally built in another image's world frame
+through a given affine registration (``frame_keys``: the moving grid of an affinely pre-aligned pair). The grid of
+the result is described by its ``MetaTensor.affine`` (voxel to RAS mm of the image's own file world), which
+:func:`monai_ext.io.native.ddf_model_to_native` uses to bring a model-space DDF back to the files' native grids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,12 +49,21 @@ class ForegroundCentredGridd(MapTransform):
     training image on a grid centred on its brain). The outputs are ``MetaTensor`` s whose ``.affine`` is the
     new grid's; the file's ``original_affine`` / ``spatial_shape`` metadata are kept for the native outputs.
 
+    With ``frame_keys`` an image's grid is built in another frame: ``data[frame_keys[key]]`` is an
+    ``(n + 1, n + 1)`` RAS mm map ``A`` from that frame to the image's world, e.g. an affine registration
+    mapping fixed world points to moving world points. The grid is then axis-aligned in the frame, centred on the
+    centroid mapped into it (``A^-1 c``), and its ``.affine`` is ``A @ G`` (``G`` the frame grid): the resampled
+    moving image is the moving image pre-aligned by ``A`` onto the fixed image's world axes, while its affine
+    still says where each model voxel lies in the moving file's world, so native outputs compose ``A`` exactly.
+
     Args:
         keys: image keys.
         label_keys: label-map keys, the ``i``-th following the grid of ``keys[i]``.
         pixdim: isotropic voxel size (mm).
-        spatial_size: grid shape ``(D, H, W)`` along R, A, S.
+        spatial_size: grid shape ``(D, H, W)`` along R, A, S (of the frame).
         threshold: foreground threshold as a fraction of the 99th percentile.
+        frame_keys: image key -> data key of its frame map ``A`` (tensor or array ``(n + 1, n + 1)``, float64);
+            images without an entry use their own world (``A`` = identity).
         allow_missing_keys: skip absent keys (e.g. pairs without label maps).
     """
 
@@ -64,6 +74,7 @@ class ForegroundCentredGridd(MapTransform):
         pixdim: float = 2.0,
         spatial_size: Sequence[int] = (88, 104, 88),
         threshold: float = 0.1,
+        frame_keys: Mapping[str, str] | None = None,
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -73,6 +84,10 @@ class ForegroundCentredGridd(MapTransform):
         self.pixdim = float(pixdim)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.threshold = float(threshold)
+        self.frame_keys = dict(frame_keys or {})
+        unknown = sorted(set(self.frame_keys) - set(self.keys))
+        if unknown:
+            raise ValueError(f"frame_keys {unknown} are not image keys {list(self.keys)}")
         self.image_resampler = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)
         self.label_resampler = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float64)
 
@@ -92,7 +107,13 @@ class ForegroundCentredGridd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            target = torch.as_tensor(grid_affine(self.spatial_size, self.pixdim, self.centroid(image)))
+            centre = self.centroid(image)
+            frame = None
+            if key in self.frame_keys:
+                frame = np.asarray(torch.as_tensor(d[self.frame_keys[key]]).detach().cpu(), dtype=np.float64)
+                centre = np.linalg.solve(frame, np.append(centre, 1.0))[:3]
+            target = grid_affine(self.spatial_size, self.pixdim, centre)
+            target = torch.as_tensor(target if frame is None else frame @ target)
             d[key] = self.image_resampler(image, dst_affine=target, spatial_size=self.spatial_size).float()
             label_key = self.label_of.get(key)
             if label_key in d:
@@ -108,6 +129,8 @@ def model_space_transforms(
     intensity: str | None = "percentile",
     percentiles: tuple[float, float] = (0.5, 99.5),
     centre: str = "field_of_view",
+    load: bool = True,
+    frame_keys: Mapping[str, str] | None = None,
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
@@ -130,6 +153,9 @@ def model_space_transforms(
         centre: ``"field_of_view"`` (the steps above: the grid is centred on the resampled field of view) or
             ``"foreground"`` (:class:`ForegroundCentredGridd`: an RAS grid of ``spatial_size`` and isotropic
             ``pixdim`` centred on each image's foreground centroid, replacing orientation, spacing and crop).
+        load: start with ``LoadImaged`` + ``EnsureChannelFirstd`` (file paths in); ``False`` for data already
+            loaded that way (channel-first ``MetaTensor`` s with their file metadata).
+        frame_keys: ``centre="foreground"`` only: grids built in another frame (:class:`ForegroundCentredGridd`).
     """
     if intensity not in _INTENSITY:
         raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}")
@@ -137,13 +163,15 @@ def model_space_transforms(
         raise ValueError(f"centre must be one of {_CENTRES}, got {centre!r}")
     if centre == "foreground" and (pixdim is None or spatial_size is None or len(set(pixdim)) != 1):
         raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
+    if frame_keys and centre != "foreground":
+        raise ValueError("frame_keys needs centre='foreground'")
     images, labels = list(image_keys), list(label_keys)
     keys = images + labels
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
-    transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)] if load else []
     if centre == "foreground":
-        transforms.append(ForegroundCentredGridd(images, labels, pixdim[0], spatial_size))
+        transforms.append(ForegroundCentredGridd(images, labels, pixdim[0], spatial_size, frame_keys=frame_keys))
     else:
         transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
         if pixdim is not None:

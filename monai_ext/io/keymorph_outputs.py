@@ -64,6 +64,7 @@ __all__ = [
     "check_input_images",
     "KeyMorphWriter",
     "write_groupwise",
+    "write_keypoints",
 ]
 
 KEYMORPH_OUTPUTS = ("transform_itk", "keypoints", "keypoints_qa")
@@ -122,12 +123,20 @@ def _file_affine(image: torch.Tensor) -> torch.Tensor:
     return _model_affine(image)
 
 
-def _write_keypoints(path: Path, voxels: torch.Tensor, model_affine: torch.Tensor, file_affine: torch.Tensor) -> None:
-    """``(K, n)`` model voxel keypoints -> CSV of world (RAS mm) and file voxel coordinates."""
-    points = voxels.detach().cpu().double().reshape(-1, voxels.shape[-1])
+def write_keypoints(path: Path, points: torch.Tensor, to_world: torch.Tensor, file_affine: torch.Tensor) -> None:
+    """Keypoints as a CSV of world (RAS mm) and file voxel coordinates (columns ``index, x_ras, y_ras, z_ras, i, j,
+    k``), written atomically.
+
+    Args:
+        path: the CSV file.
+        points: ``(K, n)`` keypoints, e.g. model voxels.
+        to_world: ``(n + 1, n + 1)`` map of ``points`` to RAS mm (a model affine; the identity for world points).
+        file_affine: voxel to RAS affine of the image file whose voxel coordinates the CSV gives.
+    """
+    points = points.detach().cpu().double().reshape(-1, points.shape[-1])
     n = points.shape[1]
     homogeneous = torch.cat([points, torch.ones(len(points), 1, dtype=torch.float64)], 1)
-    world = homogeneous @ model_affine.T
+    world = homogeneous @ to_world.double().T
     file_voxels = world @ invert_homogeneous(file_affine).T
     stream = io.StringIO()
     writer = csv.writer(stream)
@@ -198,7 +207,7 @@ class KeyMorphWriter(RegistrationWriter):
                 matrix = result["inverse_matrix_voxel"]  # fixed model voxel -> moving model voxel
                 write_itk_affine(target / "transform_itk.tfm", matrix, affines["fixed"][0], affines["moving"][0])
             if "keypoints" in wanted:
-                _write_keypoints(target / "keypoints_aligned.csv", result["points_aligned_voxel"], *affines["fixed"])
+                write_keypoints(target / "keypoints_aligned.csv", result["points_aligned_voxel"], *affines["fixed"])
             if "keypoints_qa" in wanted:
                 points = {
                     "moving": result["points_moving_voxel"],
@@ -210,8 +219,8 @@ class KeyMorphWriter(RegistrationWriter):
                 qa_figure(_plain(fixed), _plain(moving), warped, ddf, path, points, title=f"{name} {alignment}")
         if "keypoints" in wanted:
             first = next(iter(alignments.values()))
-            _write_keypoints(folder / "keypoints_fixed.csv", first["points_fixed_voxel"], *affines["fixed"])
-            _write_keypoints(folder / "keypoints_moving.csv", first["points_moving_voxel"], *affines["moving"])
+            write_keypoints(folder / "keypoints_fixed.csv", first["points_fixed_voxel"], *affines["fixed"])
+            write_keypoints(folder / "keypoints_moving.csv", first["points_moving_voxel"], *affines["moving"])
 
 
 def _pairwise_dice(labels: Sequence[torch.Tensor]) -> float:
@@ -297,7 +306,7 @@ def write_groupwise(
             target = staging / alignment
             warped_labels, folding = [], {}
             template_voxels = normalized_to_voxels(group.template, shape)
-            _write_keypoints(target / "template_keypoints.csv", template_voxels, common_affine, common_affine)
+            write_keypoints(target / "template_keypoints.csv", template_voxels, common_affine, common_affine)
             for index, ddf in enumerate(group.ddfs()):
                 item = load(index)
                 image, name = item[image_key], names[index]
@@ -310,7 +319,7 @@ def write_groupwise(
                     warped_labels.append(label)
                     write_image(target / f"{name}_warped_label.nii.gz", label.round().to(torch.int32), common_affine)
                 voxels = normalized_to_voxels(group.points[index], shape, not model.reference_grid)
-                _write_keypoints(target / f"{name}_keypoints.csv", voxels, _model_affine(image), _file_affine(image))
+                write_keypoints(target / f"{name}_keypoints.csv", voxels, _model_affine(image), _file_affine(image))
                 transform_i = group.transform(index)
                 if transform_i.inverse_matrix is not None:
                     _, inverse_voxel = transform_i.voxel_matrices(shape, shape, model.reference_grid)

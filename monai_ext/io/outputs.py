@@ -219,6 +219,13 @@ class _Grid:
         return None if self.native else self.label
 
 
+def _to_native(ddf: torch.Tensor, target: _Grid, source: _Grid) -> torch.Tensor:
+    """Model DDF ``(n, *model)`` on ``target``'s model grid into ``source``'s -> ``(1, n, *target.shape)`` float32
+    voxel DDF from ``target``'s native voxels into ``source``'s native voxels."""
+    ddf = (ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf)[None].to(torch.float32)
+    return ddf_model_to_native(ddf, target.model_affine, source.model_affine, target.affine, target.shape, source.affine)
+
+
 def _world_jacobian(ddf: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor) -> torch.Tensor:
     """``(*spatial)`` Jacobian determinant of the world map of a voxel DDF ``(1, n, *spatial)`` between two grids.
 
@@ -248,10 +255,12 @@ def _number(value: Any, scale: float = 1.0) -> str:
 
 def summary_line(row: Mapping[str, Any], name: str) -> str:
     """One line for a pair's :func:`~monai_ext.metrics.overlap.pair_metrics` row (``None`` = not finite),
-    e.g. ``moving__fixed: Dice 0.716 -> 0.841, folding 0.000% of voxels``."""
+    e.g. ``moving__fixed: Dice 0.716 -> 0.841, folding 0.000% of voxels`` (with ``dice_affine``, the Dice after
+    an affine stage: ``Dice 0.052 -> 0.716 (affine) -> 0.841``)."""
     parts = [name + ":"]
     if "dice" in row:
         before = f"{_number(row['dice_before'])} -> " if "dice_before" in row else ""
+        before += f"{_number(row['dice_affine'])} (affine) -> " if "dice_affine" in row else ""
         parts.append(f"Dice {before}{_number(row['dice'])},")
     parts.append(f"folding {_number(row['folding_fraction'], 100)}% of voxels")
     return " ".join(parts)
@@ -363,17 +372,20 @@ class RegistrationWriter:
         moving_key, fixed_key, moving_label_key, fixed_label_key = self.keys
         fixed = _Grid(item[fixed_key], item.get(fixed_label_key))
         moving = _Grid(item[moving_key], item.get(moving_label_key))
-        model_forward, model_inverse = item["forward_ddf"], item.get("inverse_ddf")
+        self._write_outputs(item, folder, name, fixed, moving, _to_native(item["forward_ddf"], fixed, moving))
+
+    def pair_row(self, item: Mapping[str, Any], fixed: _Grid, moving: _Grid, forward: torch.Tensor) -> dict[str, Any]:
+        """The ``metrics.json`` row of a pair: :func:`~monai_ext.metrics.overlap.pair_metrics` of the engine output
+        (model space). Subclasses add columns that need the native grids or the native voxel DDF ``forward``
+        ``(1, n, *fixed.shape)`` (fixed native voxel -> moving native voxel)."""
+        return pair_metrics(item, self.labels, self.hd95)
+
+    def _write_outputs(
+        self, item: Mapping[str, Any], folder: Path, name: str, fixed: _Grid, moving: _Grid, forward: torch.Tensor
+    ) -> None:
+        """Write the selected outputs of one pair into ``folder``; ``forward`` as in :meth:`pair_row`."""
+        model_inverse = item.get("inverse_ddf")
         wanted = set(self.outputs)
-
-        def to_native(ddf: torch.Tensor, target: _Grid, source: _Grid) -> torch.Tensor:
-            """Model DDF on ``target``'s grid into ``source`` -> ``(1, n, *target.shape)`` native voxel DDF."""
-            ddf = (ddf.as_tensor() if isinstance(ddf, MetaTensor) else ddf)[None].to(torch.float32)
-            return ddf_model_to_native(
-                ddf, target.model_affine, source.model_affine, target.affine, target.shape, source.affine
-            )
-
-        forward = to_native(model_forward, fixed, moving)
         path = {key: folder / _FILES[key] for key in OUTPUTS}
         warped_image = None
         if wanted & {"warped_image", "qa"}:
@@ -394,7 +406,7 @@ class RegistrationWriter:
             if model_inverse is None:
                 self.logger.info(f"{name}: no inverse_ddf in the engine output, inverse outputs skipped")
             else:
-                inverse = to_native(model_inverse, moving, fixed)
+                inverse = _to_native(model_inverse, moving, fixed)
                 if "inverse_ddf" in wanted:
                     _write_ddf_nifti(path["inverse_ddf"], inverse, moving.affine)
                 if "inverse_field_itk" in wanted:
@@ -405,8 +417,7 @@ class RegistrationWriter:
         if "jacobian" in wanted:
             write_image(path["jacobian"], jacobian.to(torch.float32), fixed.affine)
         if "metrics" in wanted:
-            row = pair_metrics(item, self.labels, self.hd95)
-            payload = {key: _strict(value) for key, value in row.items()}
+            payload = {key: _strict(value) for key, value in self.pair_row(item, fixed, moving, forward).items()}
             with atomic_output(path["metrics"]) as tmp:
                 tmp.write_text(json.dumps(payload, indent=2))
             self.logger.info(summary_line(payload, name))

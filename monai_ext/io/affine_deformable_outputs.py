@@ -1,0 +1,168 @@
+"""Outputs of an affine + deformable registration
+(:class:`~monai_ext.engines.affine_deformable.AffineDeformableIteration`).
+
+The full map from a fixed physical point ``x`` to the moving physical point is ``T(x) = A(x + d(x))``: ``A`` the
+affine (world, fixed point -> moving point), ``d`` the deformable displacement on the fixed grid. The engine output
+carries ``A`` (``affine_world``, RAS mm) and a moving model image whose affine already includes ``A``, so the
+generic outputs of :class:`~monai_ext.io.outputs.RegistrationWriter` (warped image and label map, voxel DDFs,
+ITK displacement fields, Jacobian, ``qa.png``) are those of the full map ``T``, on the fixed image's native grid,
+sampling the original moving file. :class:`AffineDeformableWriter` adds, in ``<output_dir>/<moving>__<fixed>/``:
+
+========================  ==============================  ==========================================================
+output name               file                            content
+========================  ==============================  ==========================================================
+``affine_itk``            ``affine_itk.mat``              ``A`` as an ITK affine transform file (LPS mm, fixed
+                                                          point -> moving point; the format ``antsRegistration``
+                                                          writes, read by ITK, ANTs and 3D Slicer)
+``deformable_field_itk``  ``deformable_field_itk.nii.gz`` ``d``: ITK / ANTs displacement field on the native fixed
+                                                          grid (LPS mm), fixed point -> affinely aligned point
+``keypoints``             ``keypoints_fixed.csv``,        the affine stage's keypoints (world RAS mm and the file's
+                          ``keypoints_moving.csv``,       voxel coordinates, as :func:`~monai_ext.io.keymorph_outputs.
+                          ``keypoints_aligned.csv``       write_keypoints`); ``aligned``: the moving keypoints mapped
+                                                          into the fixed image by ``A^-1``
+========================  ==============================  ==========================================================
+
+ANTs, ITK and Slicer apply the two in the ANTs order, the field first for a fixed point, then the affine::
+
+    antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz -t deformable_field_itk.nii.gz -t affine_itk.mat \\
+        -o warped.nii.gz
+
+(in ITK: a ``CompositeTransform`` with the affine added first and the field second). ``metrics.json`` holds the
+Dice over the label maps on the fixed image's **native** grid at three stages: ``dice_before`` (the files as they
+lie in world space), ``dice_affine`` (after ``A``), ``dice`` and ``dice_label_<l>`` (after ``T``, the written
+``warped_label``), and ``num_labels``; the deformable field's ``folding_fraction``, ``sdlogj``, ``ndv``,
+``ic_mse`` / ``ic_max`` (model grid, :func:`~monai_ext.metrics.overlap.pair_metrics`); the affine stage's
+``affine_determinant``, ``keypoint_residual_mm``, ``foreground_dice_affine`` and ``warnings`` (the checks of
+:func:`~monai_ext.engines.affine_deformable.keypoint_affine_checks` that failed, empty when all passed).
+``jacobian.nii.gz`` is the determinant of ``T``'s Jacobian (``det(A)`` times that of the deformable part).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_ext.io.itk_fields import write_displacement_field, write_itk_affine
+from monai_ext.io.keymorph_outputs import write_keypoints
+from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, _Grid
+from monai_ext.metrics.overlap import label_overlap
+from monai_ext.spatial.affine import transform_points
+from monai_ext.spatial.coordinates import invert_homogeneous
+from monai_ext.spatial.sampling import affine_to_ddf, warp
+
+__all__ = ["AFFINE_DEFORMABLE_OUTPUTS", "DEFAULT_OUTPUTS", "AffineDeformableWriter"]
+
+AFFINE_DEFORMABLE_OUTPUTS = ("affine_itk", "deformable_field_itk", "keypoints")
+DEFAULT_OUTPUTS = ("warped_image", "warped_label", "jacobian", "metrics", "qa", *AFFINE_DEFORMABLE_OUTPUTS)
+_FILES = {"affine_itk": "affine_itk.mat", "deformable_field_itk": "deformable_field_itk.nii.gz"}
+_CHECKS = ("affine_determinant", "keypoint_residual_mm", "foreground_dice_affine")
+
+
+class AffineDeformableWriter(RegistrationWriter):
+    """:class:`~monai_ext.io.outputs.RegistrationWriter` for affine + deformable engine outputs (module docstring).
+
+    Engine output items hold, besides the generic keys, ``affine_key`` (``(n + 1, n + 1)`` RAS mm, fixed point
+    -> moving point), ``keypoints_fixed`` / ``keypoints_moving`` (``(K, n)`` world RAS mm; for ``keypoints``), the
+    check values (``affine_determinant``, ``keypoint_residual_mm``, ``foreground_dice_affine``) and
+    ``affine_warnings`` (one line per failed check), as
+    :class:`~monai_ext.engines.affine_deformable.AffineDeformableIteration` writes them.
+
+    Args:
+        output_dir: root folder.
+        outputs: names of :data:`monai_ext.io.outputs.OUTPUTS` and :data:`AFFINE_DEFORMABLE_OUTPUTS`; default
+            :data:`DEFAULT_OUTPUTS`.
+        labels: label values of the Dice (default: the non-zero values present in either label map).
+        hd95: add ``hd95`` (after ``T``, native fixed voxels) to ``metrics.json``.
+        affine_key: key of ``A`` in the engine output.
+        moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite: as in the parent.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        outputs: Sequence[str] = DEFAULT_OUTPUTS,
+        labels: Sequence[int] | None = None,
+        hd95: bool = False,
+        affine_key: str = "affine_world",
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        moving_label_key: str = "moving_label",
+        fixed_label_key: str = "fixed_label",
+        overwrite: bool = False,
+    ) -> None:
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        unknown = sorted(set(outputs) - set(OUTPUTS) - set(AFFINE_DEFORMABLE_OUTPUTS))
+        if unknown or not outputs:
+            valid = list(OUTPUTS) + list(AFFINE_DEFORMABLE_OUTPUTS)
+            raise ValueError(f"outputs must be a non-empty subset of {valid}, got unknown {unknown}")
+        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]  # the parent needs at least one output
+        super().__init__(
+            output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite
+        )
+        self.extra_outputs = [o for o in AFFINE_DEFORMABLE_OUTPUTS if o in outputs]
+        self.affine_key = affine_key
+
+    def _affine(self, item: Mapping[str, Any]) -> torch.Tensor:
+        affine = item.get(self.affine_key)
+        if not isinstance(affine, torch.Tensor) or affine.ndim != 2 or affine.shape[0] != affine.shape[1]:
+            shape = tuple(affine.shape) if isinstance(affine, torch.Tensor) else type(affine).__name__
+            raise ValueError(f"engine output must hold the affine {self.affine_key!r} (n + 1, n + 1), got {shape}")
+        return affine.detach().cpu().to(torch.float64)
+
+    def pair_row(self, item: Mapping[str, Any], fixed: _Grid, moving: _Grid, forward: torch.Tensor) -> dict[str, Any]:
+        """Native-grid Dice before / after the affine / after the full map, the deformable field's model-space
+        metrics and the affine checks (module docstring)."""
+        label_keys = self.keys[2:]
+        deformable = super().pair_row({k: v for k, v in item.items() if k not in label_keys}, fixed, moving, forward)
+        row = {key: deformable.pop(key) for key in ("moving_name", "fixed_name")}
+        fixed_label, moving_label = fixed.label_map(), moving.label_map()
+        if fixed_label is not None and moving_label is not None:
+            labels = self.labels
+            if labels is None:
+                present = torch.cat([fixed_label.unique(), moving_label.unique()]).unique()
+                labels = [int(v) for v in present if v != 0]
+            if labels:
+                row["num_labels"] = len(labels)
+                affine = self._affine(item)
+                to_moving_voxels = invert_homogeneous(moving.affine)
+                stages = {
+                    "_before": affine_to_ddf((to_moving_voxels @ fixed.affine)[None].float(), fixed.shape),
+                    "_affine": affine_to_ddf((to_moving_voxels @ affine @ fixed.affine)[None].float(), fixed.shape),
+                    "": forward,
+                }
+                for suffix, ddf in stages.items():
+                    warped = warp(moving_label[None], ddf, "nearest", "zeros")
+                    row.update(label_overlap(warped, fixed_label[None], labels, suffix, self.hd95 and not suffix))
+        row.update(deformable)
+        for key in _CHECKS:
+            if key in item:
+                row[key] = float(item[key])
+        warnings = item.get("affine_warnings")
+        row["warnings"] = warnings.splitlines() if isinstance(warnings, str) else []
+        return row
+
+    def _write_outputs(
+        self, item: Mapping[str, Any], folder: Path, name: str, fixed: _Grid, moving: _Grid, forward: torch.Tensor
+    ) -> None:
+        super()._write_outputs(item, folder, name, fixed, moving, forward)
+        affine = self._affine(item)
+        wanted = set(self.extra_outputs)
+        if "affine_itk" in wanted:
+            write_itk_affine(folder / _FILES["affine_itk"], affine)
+        if "deformable_field_itk" in wanted:  # T(x) = A(x + d(x)): d points into the moving image pre-aligned by A
+            prealigned = invert_homogeneous(affine) @ moving.affine
+            write_displacement_field(folder / _FILES["deformable_field_itk"], forward, fixed.affine, prealigned)
+        if "keypoints" in wanted:
+            points = {side: item.get(f"keypoints_{side}") for side in ("fixed", "moving")}
+            if any(p is None for p in points.values()):
+                self.logger.info(f"{name}: no keypoints in the engine output, keypoint files skipped")
+                return
+            world = torch.eye(affine.shape[0], dtype=torch.float64)
+            aligned = transform_points(invert_homogeneous(affine)[None], points["moving"].double()[None])[0]
+            write_keypoints(folder / "keypoints_fixed.csv", points["fixed"], world, fixed.affine)
+            write_keypoints(folder / "keypoints_moving.csv", points["moving"], world, moving.affine)
+            write_keypoints(folder / "keypoints_aligned.csv", aligned, world, fixed.affine)
