@@ -39,6 +39,7 @@ import torch
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from torch import nn
 
+from monai_ext.engines.affine_refinement import refine_keymorph_result
 from monai_ext.engines.registration import RegistrationEvalIteration
 from monai_ext.networks.keymorph import normalized_to_voxels
 from monai_ext.spatial.affine import transform_points
@@ -137,6 +138,8 @@ class AffineDeformableIteration:
         determinant_range, max_keypoint_residual_mm, min_foreground_dice: thresholds of
             :func:`keypoint_affine_checks`.
         moving_key, fixed_key: batch keys of the images; ``affine_key``: key of ``A`` for ``preprocessing``.
+        refine_steps: mutual-information refinement of the keypoint fit, Adam steps per resolution level
+            (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`); ``()``: the fit alone.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class AffineDeformableIteration:
         moving_key: str = "moving_image",
         fixed_key: str = "fixed_image",
         affine_key: str = "affine_world",
+        refine_steps: Sequence[int] = (),
     ) -> None:
         model = getattr(affine_network, "module", affine_network)
         if not hasattr(model, "register"):
@@ -167,6 +171,7 @@ class AffineDeformableIteration:
             float(min_foreground_dice),
         )
         self.keys = (moving_key, fixed_key, affine_key)
+        self.refine_steps = tuple(int(v) for v in refine_steps)
 
     def _name(self, item: Mapping[str, Any]) -> str:
         """``<moving file name> -> <fixed file name>`` (the keys for images without a file) for messages."""
@@ -194,6 +199,9 @@ class AffineDeformableIteration:
             raise AffineFitError(
                 f"{self._name(item)}: the keypoints admit no affine alignment ({err}); is each image a brain?"
             ) from None
+        if sum(self.refine_steps):
+            pair = [_plain(x)[None].to(device).float() for x in (moving, fixed)]
+            result = refine_keymorph_result(result, *pair, self.refine_steps)
         model_fixed, model_moving = (torch.as_tensor(x.affine, dtype=torch.float64) for x in (fixed, moving))
         voxel_map = result["inverse_matrix_voxel"][0].detach().double().cpu()  # fixed model voxel -> moving model voxel
         affine_world = change_frames(voxel_map, model_fixed, model_moving)
