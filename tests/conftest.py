@@ -7,6 +7,7 @@ fixture file is an error, never a silent skip.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +37,17 @@ def load_npz(*parts: str) -> dict[str, np.ndarray]:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture()
+def label_folder(tmp_path) -> Path:
+    """A brain label-map folder for the brain bundles' training configs: the two shipped 2 mm held-out maps,
+    copied once under training names (``subject_<i>``) and once under their held-out names."""
+    from monai_ext.demo import DEMO_DATA
+
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for index, source in enumerate(sorted(DEMO_DATA.glob("training_seg_*_2mm.nii.gz"))):
+        shutil.copy(source, folder / f"subject_{index}.nii.gz")
+        shutil.copy(source, folder / f"training_seg_{9 + index:02d}.nii.gz")
+    return folder

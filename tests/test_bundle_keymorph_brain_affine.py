@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,17 +23,6 @@ BUNDLE = REPO / "bundles" / "keymorph_brain_affine"
 CONFIGS = BUNDLE / "configs"
 MAPS = sorted(DEMO_DATA.glob("training_seg_*_2mm.nii.gz"))
 NUM_STRUCTURES = len(BRAIN_LABELS)
-
-
-@pytest.fixture()
-def label_folder(tmp_path) -> Path:
-    """Two training maps and the two held-out names (copies of the shipped 2 mm maps)."""
-    folder = tmp_path / "maps"
-    folder.mkdir()
-    for index, source in enumerate(MAPS):
-        shutil.copy(source, folder / f"subject_{index}.nii.gz")
-        shutil.copy(source, folder / f"training_seg_{9 + index:02d}.nii.gz")
-    return folder
 
 
 def _run(bundle_root: Path, label_folder: Path, files: list[str], **override) -> ConfigParser:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -132,17 +131,6 @@ def test_saturation_penalty_is_the_mean_squared_pre_tanh_of_every_block():
     with torch.no_grad():
         network.forward_and_inverse(batch["moving_image"], batch["fixed_image"])
     assert len(captured) == 2 * count
-
-
-@pytest.fixture()
-def label_folder(tmp_path) -> Path:
-    """Two training maps and the two held-out names (copies of the shipped 2 mm maps)."""
-    folder = tmp_path / "maps"
-    folder.mkdir()
-    for index, source in enumerate(MAPS):
-        shutil.copy(source, folder / f"subject_{index}.nii.gz")
-        shutil.copy(source, folder / f"training_seg_{9 + index:02d}.nii.gz")
-    return folder
 
 
 def _train(bundle_root: Path, label_folder: Path, max_epochs: int) -> ConfigParser:
