@@ -7,8 +7,13 @@ Usage::
 writes ``dist/<name>_v<version>.zip`` (version from ``configs/metadata.json``, the Model Zoo release name) whose
 members all sit under ``<name>/``, as ``monai.bundle.download`` expects (it extracts into ``bundle_dir`` and
 uses ``<bundle_dir>/<name>``). Left out: run outputs (``eval/``, ``inference/``), caches, partial downloads
-and, unless ``--include-weights``, the files listed in ``large_files.yml`` (fetched afterwards with
-``python -m monai.bundle download_large_files --bundle_path <bundle_dir>/<name>``).
+and, unless ``--include-weights``, the files that ``large_files.yml`` lists with a download ``url`` (fetched afterwards
+with ``python -m monai.bundle download_large_files --bundle_path <bundle_dir>/<name>``). An entry with an empty
+``url`` is a file shipped inside the bundle (weights trained by this project, e.g. ``sitreg_brain``): it is always
+packed, and ``download_large_files`` only checks its hash.
+
+The configs import the package ``monai_ext``: the environment that runs a downloaded bundle needs
+``monai-registration`` installed (``required_packages_version`` in ``configs/metadata.json``).
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ EXCLUDED_SUFFIXES = (".part", ".pyc")
 
 
 def _large_files(bundle_dir: Path) -> set[Path]:
+    """The files of ``large_files.yml`` that are downloaded from a ``url`` (an empty ``url``: shipped in the bundle)."""
     from monai.bundle import ConfigParser
 
     listed = set()
     for path in bundle_dir.glob("large_files*"):
         if path.suffix in (".yml", ".yaml", ".json"):
             for entry in ConfigParser.load_config_file(str(path)).get("large_files", []):
-                listed.add((bundle_dir / entry["path"]).resolve())
+                if entry.get("url"):
+                    listed.add((bundle_dir / entry["path"]).resolve())
     return listed
 
 
@@ -71,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle_dir")
     parser.add_argument("--output", default="dist")
-    parser.add_argument("--include-weights", action="store_true", help="also pack the files of large_files.yml")
+    parser.add_argument("--include-weights", action="store_true", help="also pack the files large_files.yml downloads")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     args = parser.parse_args(argv)
     print(package_bundle(args.bundle_dir, args.output, args.include_weights, args.name))

@@ -6,9 +6,19 @@ pair, ``network_def`` (``cat(moving, fixed)`` -> voxel DDF on the fixed grid, MO
 registers the atlas to the user's image and the atlas label map, warped with nearest-neighbour sampling, is
 the returned ``pred``.
 
-:class:`AtlasPropagationd` is the dictionary transform doing that (usable in a bundle's inference
-``postprocessing`` or in a MONAI Label infer task); :mod:`monai_ext.label_app.infer` wraps it as a
-``monailabel`` infer task when ``monailabel`` is installed.
+The pipeline, all MONAI dictionary transforms on one request (tensors channel first, ``(C, *spatial)``; the
+network sees the batch ``(1, 2C, *spatial)``):
+
+1. :func:`atlas_preprocessing`: load the user's image with its metadata (world affine, original shape),
+   normalise the intensities and bring it onto the bundle's grid (the *model grid*): an array resize, or a
+   world-space RAS grid of a given voxel size (``pixdim``) as the brain bundles use;
+2. :class:`AtlasPropagationd`: register the atlas (moving) to the user's image (fixed) on the model grid and
+   warp the atlas labels, nearest neighbour;
+3. :class:`RestoreOriginalGridd`: resample the label map from the model grid back onto the user's image's own
+   grid (its shape and world affine), nearest neighbour in world coordinates.
+
+:func:`propagate_atlas` runs the three on one image file; :mod:`monai_ext.label_app.infer` runs the same three
+as a ``monailabel`` infer task when ``monailabel`` is installed.
 """
 
 from __future__ import annotations
@@ -20,12 +30,28 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Resized, ScaleIntensityd
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Resized,
+    ScaleIntensityd,
+    SpatialResample,
+)
 from torch import nn
 
+from monai_ext.data.model_space import model_space_transforms
 from monai_ext.spatial.sampling import warp
 
-__all__ = ["AtlasPropagationd", "bundle_network", "atlas_preprocessing", "load_atlas"]
+__all__ = [
+    "AtlasPropagationd",
+    "RestoreOriginalGridd",
+    "bundle_network",
+    "atlas_preprocessing",
+    "load_atlas",
+    "propagate_atlas",
+]
 
 
 def _channel_first(tensor: Any, name: str, spatial_dims: int | None = None) -> torch.Tensor:
@@ -129,12 +155,36 @@ def bundle_network(
     return network.eval()
 
 
-def atlas_preprocessing(spatial_size: Sequence[int], keys: Sequence[str] = ("image",)) -> list[MapTransform]:
-    """Load (with metadata), channel first, min-max intensities to ``[0, 1]``, resize to the bundle's grid.
+def atlas_preprocessing(
+    spatial_size: Sequence[int], keys: Sequence[str] = ("image",), pixdim: float | None = None
+) -> list[MapTransform]:
+    """Load (with metadata) and channel first, then bring the image(s) onto the model grid of ``spatial_size`` voxels.
 
-    The user's image must already be in the atlas space up to a smooth deformation (e.g. affinely aligned brain
-    MRI for the OASIS bundles): the registration networks are deformable only.
+    - ``pixdim=None`` (array space): min-max intensities to ``[0, 1]``, resize the array to ``spatial_size``
+      (trilinear; the field of view is kept, the voxel size changes). The user's image must already be in the
+      atlas space up to a smooth deformation (e.g. affinely aligned brain MRI for the OASIS bundles): the
+      registration networks are deformable only.
+    - ``pixdim`` given (world space, as the brain bundles ``sitreg_brain`` / ``keymorph_brain_affine`` are
+      trained): an RAS grid of ``spatial_size`` voxels of ``pixdim`` mm centred on the image's foreground
+      centroid, resampled with the full affine (any orientation or voxel size), intensities normalised by the
+      foreground's upper percentile (:func:`monai_ext.data.model_space.model_space_transforms`,
+      ``centre="foreground"``, ``intensity="foreground_percentile"``). Atlas and user image of one anatomy land
+      on grids aligned at their centroids.
+
+    Either way the result is a ``MetaTensor`` ``(C, *spatial_size)`` whose ``affine`` is its grid's (voxel ->
+    RAS mm) and whose metadata keep the file's ``original_affine`` / ``spatial_shape`` for
+    :class:`RestoreOriginalGridd`.
     """
+    if pixdim is not None:
+        return list(
+            model_space_transforms(
+                list(keys),
+                pixdim=[float(pixdim)] * len(spatial_size),
+                spatial_size=list(spatial_size),
+                intensity="foreground_percentile",
+                centre="foreground",
+            ).transforms
+        )
     return [
         LoadImaged(keys=list(keys), image_only=False),
         EnsureChannelFirstd(keys=list(keys)),
@@ -148,16 +198,132 @@ def atlas_preprocessing(spatial_size: Sequence[int], keys: Sequence[str] = ("ima
 
 
 def load_atlas(
-    image_path: str | os.PathLike, label_path: str | os.PathLike, spatial_size: Sequence[int]
+    image_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    spatial_size: Sequence[int],
+    pixdim: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Atlas image ``(1, *spatial_size)`` (as :func:`atlas_preprocessing`) and label map ``(1, *spatial_size)``
-    (int64, resized with nearest neighbour)."""
-    loaded = Compose(
-        [
-            LoadImaged(keys=["image", "label"]),
-            EnsureChannelFirstd(keys=["image", "label"]),
-            ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
-            Resized(keys=["image", "label"], spatial_size=list(spatial_size), mode=["area", "nearest"]),
-        ]
-    )({"image": str(image_path), "label": str(label_path)})
+    """Atlas image ``(1, *spatial_size)`` float and label map ``(1, *spatial_size)`` int64 on the model grid.
+
+    The image is preprocessed as :func:`atlas_preprocessing` (same ``pixdim``), except that the array-space resize
+    of the image uses ``area`` interpolation; the label map follows its image with nearest-neighbour sampling.
+    """
+    if pixdim is not None:
+        loaded = model_space_transforms(
+            ["image"],
+            ["label"],
+            pixdim=[float(pixdim)] * len(spatial_size),
+            spatial_size=list(spatial_size),
+            intensity="foreground_percentile",
+            centre="foreground",
+        )({"image": str(image_path), "label": str(label_path)})
+    else:
+        loaded = Compose(
+            [
+                LoadImaged(keys=["image", "label"]),
+                EnsureChannelFirstd(keys=["image", "label"]),
+                ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+                Resized(keys=["image", "label"], spatial_size=list(spatial_size), mode=["area", "nearest"]),
+            ]
+        )({"image": str(image_path), "label": str(label_path)})
     return loaded["image"].as_tensor().float(), loaded["label"].as_tensor().round().long()
+
+
+class RestoreOriginalGridd(MapTransform):
+    """Resample label maps from the model grid back onto the grid the reference image was loaded on.
+
+    ``data[key]`` is a ``MetaTensor`` ``(C, *spatial)`` whose ``affine`` maps its voxel indices to world
+    coordinates (millimetres, RAS as MONAI's loaders give it), e.g. the ``pred`` of :class:`AtlasPropagationd`,
+    which carries the preprocessed image's affine. The destination grid is the reference image's as loaded:
+    ``meta["original_affine"]`` and ``meta["spatial_shape"]`` of ``data[ref_key]`` (a ``MetaTensor``) or of
+    ``data[f"{ref_key}_meta_dict"]``, both written by ``LoadImage``. Each destination voxel takes the label of
+    the source voxel nearest to its centre in world coordinates (MONAI's ``SpatialResample``, ``nearest``,
+    ``align_corners=False``, computed in float64); a destination voxel whose nearest source voxel lies outside the
+    model grid gets 0 (background: the model grid of a world-space preprocessing may cover less than the image).
+    The result is a ``MetaTensor`` ``(C, *spatial_shape)`` of the input's dtype with ``affine = original_affine``,
+    so label values are kept exactly and the map lies on the reference image voxel for voxel.
+
+    Why not a MONAI transform as it is: ``Invertd(nearest_interp=True)`` undoes ``Resized`` with torch's legacy
+    ``"nearest"`` (source index ``floor(i * scale)``), up to one model-grid voxel away from the world-exact
+    nearest voxel; ``ResampleToMatchd`` needs the destination image itself in the data (the loaded image has
+    been replaced by the preprocessed one by then) and ``SpatialResampled`` takes a destination affine but not
+    a destination shape; a world-space preprocessing (``pixdim`` of :func:`atlas_preprocessing`) records no
+    invertible trace at all. None resamples onto a geometry (affine + shape) held in the loader's metadata; this
+    transform does that with the array ``SpatialResample``, whatever preprocessing produced the model grid.
+
+    Args:
+        keys: the label maps to restore.
+        ref_key: the image whose load metadata names the destination grid.
+        mode: interpolation of ``SpatialResample`` (``"nearest"`` for label maps).
+    """
+
+    def __init__(self, keys: Any, ref_key: Hashable = "image", mode: str = "nearest") -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+        self.resample = SpatialResample(mode=mode, padding_mode="zeros", align_corners=False, dtype=torch.float64)
+
+    def _destination(self, data: Mapping[Hashable, Any]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        reference = data.get(self.ref_key)
+        meta = reference.meta if isinstance(reference, MetaTensor) else data.get(f"{self.ref_key}_meta_dict", {})
+        if meta.get("original_affine") is None or meta.get("spatial_shape") is None:
+            raise ValueError(
+                f"data[{self.ref_key!r}] has no 'original_affine' / 'spatial_shape' metadata "
+                "(load it with LoadImaged so that they are recorded)"
+            )
+        affine = torch.as_tensor(meta["original_affine"], dtype=torch.float64)
+        shape = tuple(int(s) for s in torch.as_tensor(meta["spatial_shape"]).reshape(-1).tolist())
+        if affine.shape != (len(shape) + 1, len(shape) + 1):
+            raise ValueError(f"original_affine {tuple(affine.shape)} does not fit spatial_shape {shape}")
+        return affine, shape
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        affine, shape = self._destination(d)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if not isinstance(label, MetaTensor):
+                raise ValueError(f"data[{key!r}] must be a MetaTensor carrying the affine of its (model) grid")
+            if label.ndim - 1 != len(shape):
+                raise ValueError(
+                    f"data[{key!r}] {tuple(label.shape)} must be (C, *spatial) with {len(shape)} spatial dims"
+                )
+            with self.resample.trace_transform(False):
+                restored = self.resample(label, dst_affine=affine, spatial_size=shape)
+            if label.dtype.is_floating_point:
+                d[key] = restored.to(label.dtype)
+            else:
+                d[key] = restored.round().to(label.dtype)
+        return d
+
+
+def propagate_atlas(
+    network: nn.Module,
+    atlas_image: torch.Tensor,
+    atlas_label: torch.Tensor,
+    image: str | os.PathLike,
+    spatial_size: Sequence[int],
+    pixdim: float | None = None,
+) -> MetaTensor:
+    """The atlas label map propagated onto one image file, on that image's own grid (what the infer task returns).
+
+    Args:
+        network: as :class:`AtlasPropagationd` (``cat(moving=atlas, fixed=image)`` ``(1, 2C, *spatial_size)`` ->
+            voxel DDF ``(1, n, *spatial_size)`` on the model grid).
+        atlas_image, atlas_label: ``(C, *spatial_size)`` / ``(1, *spatial_size)`` on the model grid, as
+            :func:`load_atlas` returns them.
+        image: the user's image file (the fixed image), any grid.
+        spatial_size: the model grid (the bundle's input shape).
+        pixdim: ``None`` (array-space resize) or the model voxel size in mm (world-space grid), as
+            :func:`atlas_preprocessing`; the atlas must have been loaded with the same (:func:`load_atlas`).
+
+    Returns:
+        int64 ``MetaTensor`` ``(1, *image shape)`` with the image's affine (world millimetres, RAS).
+    """
+    pipeline = Compose(
+        [
+            *atlas_preprocessing(spatial_size, pixdim=pixdim),
+            AtlasPropagationd(network, atlas_image, atlas_label),
+            RestoreOriginalGridd(keys="pred", ref_key="image"),
+        ]
+    )
+    return pipeline({"image": str(image)})["pred"]
