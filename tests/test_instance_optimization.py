@@ -66,6 +66,21 @@ def test_loss_decreases_original_untouched_and_output_from_the_optimised_copy():
     assert float(terms["loss"]) < losses[0]
 
 
+def test_callback_sees_every_step_with_the_copy_being_optimised():
+    network, batch = _network(), _batch()
+    optimisation = InstanceOptimization(RegistrationEvalIteration(), steps=4, learning_rate=1e-3)
+    seen = []
+
+    def callback(step, tuned):
+        assert tuned is not network
+        seen.append((step, next(tuned.parameters()).detach().clone()))
+
+    tuned = optimisation.optimize(network, batch["moving_image"], batch["fixed_image"], callback=callback)
+    assert [step for step, _ in seen] == [1, 2, 3, 4]
+    assert not torch.equal(seen[0][1], seen[-1][1])  # each call sees the weights after its step
+    assert torch.equal(seen[-1][1], next(tuned.parameters()))
+
+
 def test_optimised_sitreg_copy_keeps_exact_symmetry():
     network, batch = _network(), _batch()
     optimisation = InstanceOptimization(RegistrationEvalIteration(), steps=5, learning_rate=1e-3)

@@ -17,6 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
@@ -32,10 +33,11 @@ from monai.transforms import (
 
 from monai_ext.data.synthbrain import grid_affine, normalize_intensity
 
-__all__ = ["ForegroundCentredGridd", "model_space_transforms"]
+__all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "model_space_transforms"]
 
 _INTENSITY = ("percentile", "foreground_percentile", "zscore", None)
 _CENTRES = ("field_of_view", "foreground")
+REFINE_SUFFIX = "_refine"  # key suffix of an image's finer copy for intensity refinement (``refine_pixdim``)
 
 
 class ForegroundCentredGridd(MapTransform):
@@ -131,6 +133,7 @@ def model_space_transforms(
     centre: str = "field_of_view",
     load: bool = True,
     frame_keys: Mapping[str, str] | None = None,
+    refine_pixdim: float | None = None,
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
@@ -156,6 +159,10 @@ def model_space_transforms(
         load: start with ``LoadImaged`` + ``EnsureChannelFirstd`` (file paths in); ``False`` for data already
             loaded that way (channel-first ``MetaTensor`` s with their file metadata).
         frame_keys: ``centre="foreground"`` only: grids built in another frame (:class:`ForegroundCentredGridd`).
+        refine_pixdim: ``centre="foreground"`` only: also write each image on a finer grid of the same centre and
+            extent with voxels of ``refine_pixdim`` mm under ``<key>_refine`` (:data:`REFINE_SUFFIX`; intensity
+            scaled alike), for an intensity refinement of the network's result at that precision
+            (:func:`monai_ext.engines.affine_refinement.refine_keymorph_result`).
     """
     if intensity not in _INTENSITY:
         raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}")
@@ -165,11 +172,23 @@ def model_space_transforms(
         raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
     if frame_keys and centre != "foreground":
         raise ValueError("frame_keys needs centre='foreground'")
+    if refine_pixdim is not None and (centre != "foreground" or not refine_pixdim > 0):
+        raise ValueError(f"refine_pixdim needs centre='foreground' and must be > 0, got {refine_pixdim}")
     images, labels = list(image_keys), list(label_keys)
     keys = images + labels
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
     transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)] if load else []
+    scaled = list(images)  # the keys of intensity scaling
+    if refine_pixdim is not None:
+        fine = [f"{key}{REFINE_SUFFIX}" for key in images]
+        fine_size = [max(1, round(size * pixdim[0] / refine_pixdim)) for size in spatial_size]
+        fine_frames = {f"{key}{REFINE_SUFFIX}": frame for key, frame in (frame_keys or {}).items()}
+        transforms += [
+            CopyItemsd(images, names=fine),
+            ForegroundCentredGridd(fine, (), refine_pixdim, fine_size, frame_keys=fine_frames),
+        ]
+        scaled += fine
     if centre == "foreground":
         transforms.append(ForegroundCentredGridd(images, labels, pixdim[0], spatial_size, frame_keys=frame_keys))
     else:
@@ -181,12 +200,12 @@ def model_space_transforms(
         if spatial_size is not None:
             transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size))
     if intensity == "foreground_percentile":
-        transforms.append(Lambdad(images, normalize_intensity))
+        transforms.append(Lambdad(scaled, normalize_intensity))
     elif intensity == "percentile":
         lower, upper = percentiles
-        transforms.append(ScaleIntensityRangePercentilesd(images, lower, upper, b_min=0.0, b_max=1.0, clip=True))
+        transforms.append(ScaleIntensityRangePercentilesd(scaled, lower, upper, b_min=0.0, b_max=1.0, clip=True))
     elif intensity == "zscore":
-        transforms.append(NormalizeIntensityd(images))
+        transforms.append(NormalizeIntensityd(scaled))
     if labels:
         transforms.append(EnsureTyped(labels, dtype=torch.int64))
     return Compose(transforms)

@@ -39,6 +39,7 @@ import torch
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from torch import nn
 
+from monai_ext.data.model_space import REFINE_SUFFIX
 from monai_ext.engines.affine_refinement import refine_keymorph_result
 from monai_ext.engines.registration import RegistrationEvalIteration
 from monai_ext.networks.keymorph import normalized_to_voxels
@@ -138,8 +139,9 @@ class AffineDeformableIteration:
         determinant_range, max_keypoint_residual_mm, min_foreground_dice: thresholds of
             :func:`keypoint_affine_checks`.
         moving_key, fixed_key: batch keys of the images; ``affine_key``: key of ``A`` for ``preprocessing``.
-        refine_steps: mutual-information refinement of the keypoint fit, Adam steps per resolution level
-            (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`); ``()``: the fit alone.
+        refine_steps: mutual-information refinement of the keypoint fit, Adam steps per smoothing level
+            (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`), on the finer copies
+            ``<key>_refine`` when ``affine_preprocessing`` writes them (``refine_pixdim``); ``()``: the fit alone.
     """
 
     def __init__(
@@ -200,8 +202,10 @@ class AffineDeformableIteration:
                 f"{self._name(item)}: the keypoints admit no affine alignment ({err}); is each image a brain?"
             ) from None
         if sum(self.refine_steps):
-            pair = [_plain(x)[None].to(device).float() for x in (moving, fixed)]
-            result = refine_keymorph_result(result, *pair, self.refine_steps)
+            fine = [grids.get(f"{key}{REFINE_SUFFIX}") for key in (moving_key, fixed_key)]
+            fine_pair = None if any(x is None for x in fine) else tuple(x[None].to(device).float() for x in fine)
+            pair = [x[None].to(device).float() for x in (moving, fixed)]
+            result = refine_keymorph_result(result, *pair, self.refine_steps, refine_grids=fine_pair)
         model_fixed, model_moving = (torch.as_tensor(x.affine, dtype=torch.float64) for x in (fixed, moving))
         voxel_map = result["inverse_matrix_voxel"][0].detach().double().cpu()  # fixed model voxel -> moving model voxel
         affine_world = change_frames(voxel_map, model_fixed, model_moving)

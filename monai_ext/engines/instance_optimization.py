@@ -163,8 +163,10 @@ class InstanceOptimization:
         fixed: torch.Tensor,
         moving_mask: torch.Tensor | None = None,
         fixed_mask: torch.Tensor | None = None,
+        callback: Callable[[int, torch.nn.Module], None] | None = None,
     ) -> torch.nn.Module:
-        """A copy of ``network`` after ``steps`` Adam steps on the pair loss (``network`` is not modified)."""
+        """A copy of ``network`` after ``steps`` Adam steps on the pair loss (``network`` is not modified);
+        ``callback(step, copy)`` runs after each step (e.g. to score the copy along the way)."""
         tuned = copy.deepcopy(network)
         tuned.eval()
         parameters = [p for p in tuned.parameters() if p.requires_grad]
@@ -188,6 +190,8 @@ class InstanceOptimization:
                 optimizer.step()
                 if step == 1 or step == self.steps or step % self.log_every == 0:
                     self.logger.info(f"instance optimisation step {step}/{self.steps}: loss {value:.6f}")
+                if callback is not None:
+                    callback(step, tuned)
         return tuned
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> Any:

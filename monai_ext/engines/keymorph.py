@@ -39,6 +39,7 @@ from monai_ext.data.keymorph_augmentation import (
     check_max_params,
     random_keymorph_affine,
 )
+from monai_ext.data.model_space import REFINE_SUFFIX
 from monai_ext.engines.affine_refinement import refine_keymorph_result
 from monai_ext.engines.registration import as_loss_terms, backward_and_step, pair_from_batch, to_device
 from monai_ext.losses.keymorph import KeypointConsistencyLoss
@@ -503,8 +504,10 @@ class KeyMorphInferenceIteration:
         inverse: also compute ``inverse_ddf`` (inverse outputs, ``dice_inverse``, inverse consistency).
         moving_key, fixed_key, moving_label_key, fixed_label_key: batch keys.
         refine_steps: affine / rigid alignments are refined by mutual information with this many Adam steps per
-            resolution level, coarse first (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`;
-            batch size 1, consistent grid convention); ``()`` or zeros: the keypoint fit only.
+            smoothing level, coarse first (:func:`~monai_ext.engines.affine_refinement.refine_keymorph_result`;
+            batch size 1, consistent grid convention), on the images' finer copies ``<key>_refine`` where the
+            batch has them (:func:`~monai_ext.data.model_space.model_space_transforms` ``refine_pixdim``), else
+            on the network's grids; ``()`` or zeros: the keypoint fit only.
     """
 
     def __init__(
@@ -540,10 +543,11 @@ class KeyMorphInferenceIteration:
         if sum(self.refine_steps):
             if reference_grid or moving.shape[0] != 1:
                 raise ValueError("refine_steps needs batch size 1 and the consistent grid convention (reference_grid=False)")
+            grids = to_device(engine, batchdata, [f"{key}{REFINE_SUFFIX}" for key in self.keys[:2]])
             for name, result in results.items():
                 if "inverse_matrix_voxel" in result:
-                    plain = [convert_to_tensor(x, track_meta=False).float() for x in (moving, fixed)]
-                    results[name] = refine_keymorph_result(result, *plain, self.refine_steps)
+                    fine = None if any(g is None for g in grids) else (grids[0], grids[1])
+                    results[name] = refine_keymorph_result(result, moving, fixed, self.refine_steps, refine_grids=fine)
         output = {k: v for k, v in batchdata.items() if not isinstance(v, torch.Tensor)}
         output.update({self.keys[0]: moving, self.keys[1]: fixed})
         if moving_label is not None and fixed_label is not None:
