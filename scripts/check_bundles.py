@@ -23,7 +23,16 @@ Per bundle (no check is skipped; a missing file is a failure):
   (a random ``image`` of the declared channels and shape, ``"*n"`` sizes with ``n``; checks ``pred``'s
   channel count and dtype).
 
-Prints a table and exits with status 1 if any check failed (or no bundle was found).
+Across bundles (:func:`check_shared`): a bundle must run on its own after ``monai.bundle download``, so blocks that
+several bundles hold are copies, not references into a sibling's folder. The copies must not drift:
+
+* :data:`SHARED_BLOCKS`: config values that must be equal wherever they appear (the brain pipeline
+  ``sitreg_brain_raw`` repeats the network, grid, loss and affine-refinement settings of ``sitreg_brain`` and
+  ``keymorph_brain_affine``, whose weights it loads);
+* every ``configs/multi_gpu_train.json`` (the distributed-training overlay of the SITReg bundles) holds the same
+  keys with the same values, except the keys of :data:`MULTI_GPU_OWN_KEYS`, which a bundle may set its own way.
+
+Prints a table and exits with status 1 if any check failed (or no bundle was found), or if copies drifted.
 """
 
 from __future__ import annotations
@@ -34,12 +43,33 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEMA = REPO / "scripts" / "metadata_schema.json"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json")
 CHECKS = ("files", "metadata", "changelog", "large_files", "net_in_out")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
+
+#: (what, [(bundle, config file, key), ...]): values that must be equal in every listed place (``#``-separated keys)
+SHARED_BLOCKS = (
+    ("SITReg brain network", [("sitreg_brain", "inference.json", "network_def"), ("sitreg_brain_raw", "inference.json", "network_def")]),
+    ("SITReg brain grid shape", [("sitreg_brain", "inference.json", "shape"), ("sitreg_brain_raw", "inference.json", "shape")]),
+    ("SITReg brain voxel size", [("sitreg_brain", "inference.json", "spacing"), ("sitreg_brain_raw", "inference.json", "spacing")]),
+    ("SITReg brain pair loss", [("sitreg_brain", "inference.json", "loss"), ("sitreg_brain_raw", "inference.json", "loss")]),
+    ("instance optimisation learning rate", [("sitreg_brain", "inference.json", "instance_optimization_lr"), ("sitreg_brain_raw", "inference.json", "instance_optimization_lr")]),
+    ("brain keypoint detector", [("keymorph_brain_affine", "inference.json", "backbone"), ("sitreg_brain_raw", "inference.json", "affine_backbone")]),
+    ("brain keypoint count", [("keymorph_brain_affine", "inference.json", "num_keypoints"), ("sitreg_brain_raw", "inference.json", "num_keypoints")]),
+    ("brain keypoint grid shape", [("keymorph_brain_affine", "inference.json", "shape"), ("sitreg_brain_raw", "inference.json", "affine_shape")]),
+    ("brain keypoint voxel size", [("keymorph_brain_affine", "inference.json", "spacing"), ("sitreg_brain_raw", "inference.json", "affine_spacing")]),
+    ("affine refinement steps", [("keymorph_brain_affine", "inference.json", "refine_steps"), ("sitreg_brain_raw", "inference.json", "refine_steps")]),
+    ("affine refinement voxel size", [("keymorph_brain_affine", "inference.json", "refine_pixdim"), ("sitreg_brain_raw", "inference.json", "refine_pixdim")]),
+)  # fmt: skip
+#: keys of ``multi_gpu_train.json`` a bundle may set its own way, and why
+MULTI_GPU_OWN_KEYS = {
+    "validate#handlers": "the checkpoint saver's key metric follows the task (Dice: higher is better; TRE: lower)",
+    "train#dataloader#batch_size": "a bundle with a global batch splits it over the processes",
+}
 
 
 def _run(check: Callable[[], None]) -> str:
@@ -137,6 +167,43 @@ def check_all(
     return [check_bundle(d, schema, **kwargs) for d in sorted(bundles_dir.iterdir()) if d.is_dir()]
 
 
+def _config_value(bundles_dir: Path, bundle: str, config: str, key: str) -> Any:
+    """The raw (unparsed) value of ``key`` (``#``-separated) in ``<bundle>/configs/<config>``."""
+    value: Any = json.loads((bundles_dir / bundle / "configs" / config).read_text())
+    for part in key.split("#"):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"{bundle}/configs/{config} has no {key!r}")
+        value = value[part]
+    return value
+
+
+def check_shared(bundles_dir: str | Path = REPO / "bundles") -> list[str]:
+    """Copies that drifted (:data:`SHARED_BLOCKS`, ``multi_gpu_train.json``): one message each, ``[]`` if none."""
+    bundles_dir = Path(bundles_dir)
+    problems = []
+    for what, places in SHARED_BLOCKS:
+        present = [place for place in places if (bundles_dir / place[0]).is_dir()]
+        if len(present) < 2:
+            continue
+        try:
+            values = [_config_value(bundles_dir, *place) for place in present]
+        except (KeyError, OSError, ValueError) as err:
+            problems.append(f"{what}: {err}")
+            continue
+        if any(value != values[0] for value in values[1:]):
+            where = ", ".join(f"{b}/configs/{c}#{k} = {json.dumps(v)[:80]}" for (b, c, k), v in zip(present, values))
+            problems.append(f"{what} drifted: {where}")
+    overlays = {p.parent.parent.name: json.loads(p.read_text()) for p in sorted(bundles_dir.glob("*/configs/multi_gpu_train.json"))}
+    for key in sorted(set().union(*overlays.values()) - set(MULTI_GPU_OWN_KEYS)) if overlays else []:
+        groups: dict[str, list[str]] = {}
+        for bundle, overlay in overlays.items():
+            groups.setdefault(json.dumps(overlay.get(key, "<missing>"), sort_keys=True), []).append(bundle)
+        if len(groups) > 1:
+            detail = "; ".join(f"{', '.join(names)}: {value[:80]}" for value, names in groups.items())
+            problems.append(f"multi_gpu_train.json key {key!r} differs between bundles ({detail})")
+    return problems
+
+
 def format_table(results: Sequence[dict[str, str]]) -> str:
     """Plain-text table, one row per bundle and one column per check."""
     columns = ("bundle", *CHECKS)
@@ -165,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n{len(results) - len(failed)} of {len(results)} bundles passed"
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
-    return 1 if failed else 0
+    drifted = check_shared(args.bundles_dir)
+    print("shared blocks: " + ("ok (no copy drifted)" if not drifted else "FAIL\n  " + "\n  ".join(drifted)))
+    return 1 if failed or drifted else 0
 
 
 if __name__ == "__main__":

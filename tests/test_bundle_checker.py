@@ -133,3 +133,42 @@ def test_missing_inference_config_is_an_error_not_a_skip(tmp_path):
 def test_no_bundles_is_an_error(tmp_path, capsys):
     assert check_bundles.main(["--bundles-dir", str(tmp_path)]) == 1
     assert "no bundles found" in capsys.readouterr().out
+
+
+REPO_BUNDLES = SCRIPT.parents[1] / "bundles"
+
+
+def _copy_configs(root: Path, names) -> Path:
+    for name in names:
+        (root / name / "configs").mkdir(parents=True)
+        for config in (REPO_BUNDLES / name / "configs").glob("*.json"):
+            (root / name / "configs" / config.name).write_text(config.read_text())
+    return root
+
+
+def test_repository_copies_have_not_drifted():
+    assert check_bundles.check_shared(REPO_BUNDLES) == []
+
+
+def test_drifted_copies_are_reported(tmp_path):
+    names = ["sitreg_brain", "sitreg_brain_raw", "keymorph_brain_affine", "sitreg_oasis", "sitreg_lpba40"]
+    root = _copy_configs(tmp_path, names)
+    assert check_bundles.check_shared(root) == []
+    raw = root / "sitreg_brain_raw" / "configs" / "inference.json"
+    config = json.loads(raw.read_text())
+    config["network_def"]["features"][0] = 16
+    config["refine_pixdim"] = 3.0
+    raw.write_text(json.dumps(config))
+    overlay = root / "sitreg_lpba40" / "configs" / "multi_gpu_train.json"
+    config = json.loads(overlay.read_text())
+    config["backend"] = "gloo"
+    config["train#dataloader#batch_size"] = 2  # a key a bundle may set its own way: not a drift
+    overlay.write_text(json.dumps(config))
+    problems = check_bundles.check_shared(root)
+    assert len(problems) == 3, problems
+    assert any(p.startswith("SITReg brain network drifted") for p in problems)
+    assert any(p.startswith("affine refinement voxel size drifted") for p in problems)
+    assert any("'backend'" in p and "sitreg_lpba40" in p for p in problems)
+    del config["backend"]
+    overlay.write_text(json.dumps(config))
+    assert any("'backend'" in p and "<missing>" in p for p in check_bundles.check_shared(root))
