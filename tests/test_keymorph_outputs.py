@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import csv
 import json
 
@@ -128,3 +129,14 @@ def test_load_keymorph_weights(tmp_path):
     assert load_keymorph_weights(fresh, "") is fresh
     with pytest.raises(FileNotFoundError):
         load_keymorph_weights(fresh, tmp_path / "missing.pt")
+
+
+def test_groupwise_dice_is_the_mean_pairwise_dice_over_present_labels():
+    from monai_ext.io.keymorph_outputs import _pairwise_dice
+
+    a, b, c = (torch.zeros(1, 4, 4, 4) for _ in range(3))
+    a[0, :2], b[0, :1] = 1, 1  # label 1: 32 and 16 voxels, 16 shared -> Dice 2/3
+    c[0, :2], c[0, 3] = 1, 2  # label 2 only in c: Dice 0 in the pairs with c
+    expected = [2 / 3, (1.0 + 0.0) / 2, (2 / 3 + 0.0) / 2]  # (a, b), (a, c), (b, c): means over present labels
+    assert _pairwise_dice([a, b, c]) == pytest.approx(sum(expected) / 3)
+    assert math.isnan(_pairwise_dice([torch.zeros(1, 2, 2, 2)] * 2))

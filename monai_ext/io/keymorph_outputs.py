@@ -55,6 +55,7 @@ from monai_ext.io.validation import (
 )
 from monai_ext.data.atomic import atomic_output, umask_mode
 from monai_ext.metrics.deformation import folding_fraction
+from monai_ext.metrics.overlap import label_overlap
 from monai_ext.networks.keymorph import normalized_to_voxels
 from monai_ext.spatial.coordinates import invert_homogeneous
 from monai_ext.spatial.sampling import warp
@@ -224,17 +225,17 @@ class KeyMorphWriter(RegistrationWriter):
 
 
 def _pairwise_dice(labels: Sequence[torch.Tensor]) -> float:
-    """Mean Dice over all unordered pairs of integer label maps ``(1, *spatial)``, labels present in a pair
-    (background excluded): BrainMorph's group metric, except that the reference includes the background and
-    scores labels absent from both maps as Dice 1."""
+    """Mean over all unordered pairs of integer label maps ``(1, *spatial)`` of their Dice
+    (:func:`~monai_ext.metrics.overlap.label_overlap`, mean over the nonzero labels present in either map):
+    BrainMorph's group metric, except that the reference includes the background and scores labels absent from
+    both maps as Dice 1."""
     scores = []
     for a in range(len(labels)):
         for b in range(a + 1, len(labels)):
             x, y = labels[a].round().long(), labels[b].round().long()
             values = [int(v) for v in torch.cat([x.unique(), y.unique()]).unique() if v != 0]
-            for v in values:
-                p, q = x == v, y == v
-                scores.append(float(2 * (p & q).sum() / (p.sum() + q.sum())))
+            if values:
+                scores.append(label_overlap(x[None], y[None], values, suffix="_pair")["dice_pair"])
     return float(np.mean(scores)) if scores else math.nan
 
 
