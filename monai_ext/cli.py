@@ -72,6 +72,7 @@ __all__ = [
     "InputError",
     "IMAGE_SUFFIXES",
     "BUNDLE_ALIASES",
+    "MODE_CONFIGS",
     "as_bool",
     "bundle_path",
     "pair_files",
@@ -412,6 +413,11 @@ def _print_totals(rows: Sequence[Mapping[str, Any]]) -> None:
     print(totals + f", mean folding {100 * _mean(rows, 'folding_fraction'):.3f}% of voxels")
 
 
+#: ``register`` flags that select a mode of a bundle by merging its override config (``configs/<file>``) after
+#: ``inference.json``; a bundle without that file keeps the flag as an ordinary config id (or refuses it).
+MODE_CONFIGS = {"groupwise": "groupwise.json"}
+
+
 def register(
     bundle: str,
     moving: str,
@@ -445,6 +451,8 @@ def register(
         weights: trained weights file to use instead of the bundle's ``models/`` file (``brain``: the deformable
             model's; the affine model's is ``--affine_ckpt_path PATH``).
         config: extra config files under ``<bundle>/configs`` merged after ``inference.json`` (e.g. ``demo.json``).
+            A mode flag of :data:`MODE_CONFIGS` adds its file: ``--groupwise true`` is ``--config groupwise.json``
+            for a bundle that has that file (KeyMorph: groupwise registration of the images of MOVING).
         override: other ``--<config id> VALUE`` overrides of the bundle's configs, e.g.
             ``--instance_optimization_steps 50`` (``register BUNDLE --help`` lists the ids).
 
@@ -454,6 +462,10 @@ def register(
     overwrite, no_weights = as_bool(overwrite, "--overwrite"), as_bool(no_weights, "--no_weights")
     bundle_dir = bundle_path(bundle)
     extra = [config] if isinstance(config, str) else list(config)
+    for flag, name in MODE_CONFIGS.items():
+        if flag in override and (bundle_dir / "configs" / name).is_file():
+            if as_bool(override.pop(flag), f"--{flag}") and name not in extra:
+                extra.append(name)
     files = _config_files(bundle_dir, ["inference.json", *extra])
     parser = _load_config(files)
     override = _check_overrides(parser, override, bundle_dir, files)

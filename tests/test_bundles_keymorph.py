@@ -243,7 +243,7 @@ def test_foundation_inference_groupwise_and_pairwise(pair_folders, tmp_path):
     out = tmp_path / "out"
     common = {**tiny, "num_keypoints": 16, "checkpoint": checkpoint, "output_dir": str(out), "weighted": False}
     _run(
-        "keymorph_foundation", ["inference.json"], **common, groupwise=True,
+        "keymorph_foundation", ["inference.json", "groupwise.json"], **common,
         moving=str(pair_folders / "fixed"), moving_label=str(pair_folders / "fixed_seg"), alignments=["rigid", "tps_0"],
     )
     group = out / "groupwise"

@@ -26,6 +26,11 @@ Pair dicts are ``{"moving_<key>": ..., "fixed_<key>": ...}`` (:func:`monai_ext.d
 training / evaluation iterations read. :class:`KeyMorphPairDataset` draws ``pairs_per_epoch`` of them per epoch
 (the reference's 32 steps per epoch over a shuffled loader), reproducibly per ``(seed, epoch)``, optionally with a
 same-subject two-modality item for the keypoint-consistency step.
+
+Preprocessing (:func:`keymorph_transforms`, to model space): :func:`keymorph_pair_transforms` and
+:func:`keymorph_image_transforms` pick the keys from what the items carry (label maps, consistency images), so the
+bundle configs name a mode's setting (``supervised``, ``moving_label``, ``consistency_weight``) instead of
+computing key lists.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ __all__ = [
     "keymorph_subjects",
     "keymorph_pairs",
     "keymorph_transforms",
+    "PAIR_IMAGE_KEYS",
+    "PAIR_LABEL_KEYS",
+    "CONSISTENCY_IMAGE_KEYS",
+    "keymorph_pair_transforms",
+    "keymorph_image_transforms",
+    "consistency_subject_pairs",
     "paired_files",
     "folder_images",
 ]
@@ -66,6 +77,12 @@ IXI_MODALITIES = ("T1", "T2", "PD")
 IXI_SPLITS = {"train": (0, 428), "test": (428, 528), "all": (0, None)}
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _TRUE = ("1", "true", "yes", "train")
+#: keys of the two images of a pair dict (:func:`monai_ext.data.base.pair_item`)
+PAIR_IMAGE_KEYS = ("moving_image", "fixed_image")
+#: keys of the two label maps of a pair dict
+PAIR_LABEL_KEYS = ("moving_label", "fixed_label")
+#: keys of the same-subject two-modality images :class:`KeyMorphPairDataset` adds for the consistency step
+CONSISTENCY_IMAGE_KEYS = ("consistency_image_1", "consistency_image_2")
 
 
 def _stem(path: str | os.PathLike) -> str:
@@ -422,6 +439,71 @@ def keymorph_transforms(
         return base
     keys = list(image_keys) + list(label_keys)
     return Compose([base, Orientationd(keys=keys, axcodes="RSA", labels=None)])
+
+
+def _wants_labels(labels: bool | str | os.PathLike | None) -> bool:
+    """``labels`` of the transform factories: a bool, or a label path whose presence (not ``None``, not empty)
+    says that the items carry label maps."""
+    if isinstance(labels, bool):
+        return labels
+    return labels is not None and str(labels) != ""
+
+
+def keymorph_pair_transforms(
+    labels: bool | str | os.PathLike | None = False,
+    consistency: bool | float = False,
+    pixdim: Sequence[float] | None = (1.0, 1.0, 1.0),
+    spatial_size: Sequence[int] | None = (256, 256, 256),
+    swap_hw: bool = False,
+) -> Compose:
+    """:func:`keymorph_transforms` of pair dicts: the keys follow from which inputs the pairs carry.
+
+    Images :data:`PAIR_IMAGE_KEYS` always; label maps :data:`PAIR_LABEL_KEYS` when ``labels`` is true or a label
+    path (the bundles pass ``supervised`` / ``val_labels`` in training and the ``moving_label`` path in inference,
+    ``None`` there meaning no labels); the same-subject images :data:`CONSISTENCY_IMAGE_KEYS` when ``consistency``
+    is true or a positive number (the training's ``consistency_weight``; :class:`KeyMorphPairDataset` adds those
+    images to every item when it has same-subject pairs, :func:`consistency_subject_pairs`).
+
+    Args:
+        labels: load and resample the pair's label maps too (nearest neighbour).
+        consistency: load the two consistency images too.
+        pixdim, spatial_size, swap_hw: as in :func:`keymorph_transforms`.
+    """
+    image_keys = list(PAIR_IMAGE_KEYS)
+    if float(consistency) > 0:
+        image_keys += list(CONSISTENCY_IMAGE_KEYS)
+    label_keys = list(PAIR_LABEL_KEYS) if _wants_labels(labels) else []
+    return keymorph_transforms(image_keys, label_keys, pixdim, spatial_size, swap_hw)
+
+
+def keymorph_image_transforms(
+    labels: bool | str | os.PathLike | None = False,
+    pixdim: Sequence[float] | None = (1.0, 1.0, 1.0),
+    spatial_size: Sequence[int] | None = (256, 256, 256),
+    swap_hw: bool = False,
+) -> Compose:
+    """:func:`keymorph_transforms` of single-image dicts (``"image"`` and, when ``labels`` is true or a label path
+    / folder that is not ``None`` or empty, ``"label"``): groupwise inputs (:func:`folder_images`) and pretraining
+    images."""
+    return keymorph_transforms(["image"], ["label"] if _wants_labels(labels) else [], pixdim, spatial_size, swap_hw)
+
+
+def consistency_subject_pairs(
+    consistency_weight: float,
+    dataset: str,
+    data_path: str | os.PathLike,
+    split: str = "train",
+    modalities: Sequence[str] = IXI_MODALITIES,
+) -> list[dict[str, Any]] | None:
+    """The ``consistency`` items of :class:`KeyMorphPairDataset` for a training with ``consistency_weight``.
+
+    ``None`` (no consistency items, the subject lists are not even read) when ``consistency_weight`` is not
+    positive; otherwise :func:`same_subject_pairs` of :func:`keymorph_subjects` ``(dataset, data_path, split,
+    modalities)``: two modalities of one subject per item.
+    """
+    if not float(consistency_weight) > 0:
+        return None
+    return same_subject_pairs(keymorph_subjects(dataset, data_path, split, modalities))
 
 
 def _listing(folder: Path) -> dict[str, Path]:

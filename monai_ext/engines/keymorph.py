@@ -15,7 +15,9 @@ iteration through its ``iteration_update`` argument, so handlers, checkpointing 
 * :class:`KeyMorphTrainIteration` (the reference's training step): moving image augmented, registered to the
   fixed image by ``engine.network`` (a :class:`~monai_ext.networks.keymorph.KeyMorph`), loss on the warped image
   (MSE / LNCC) or on warped one-hot labels (soft Dice, :class:`~monai_ext.losses.keymorph.KeyMorphLoss`), plus
-  the optional keypoint-consistency step.
+  the optional keypoint-consistency step. :func:`keymorph_train_loss` and :func:`keymorph_train_iteration` build
+  the loss and the iteration of one training mode (unsupervised or supervised, with or without the consistency
+  step) from the bundles' plain settings.
 
 Keypoints are ``(B, K, n)`` normalised ``ij`` (align_corners=True); augmentation matrices as in
 :mod:`monai_ext.data.keymorph_augmentation`; DDFs ``(B, n, *fixed)`` voxel units, fixed grid -> moving image.
@@ -33,6 +35,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from monai_ext.data.keymorph import CONSISTENCY_IMAGE_KEYS, PAIR_LABEL_KEYS
 from monai_ext.data.keymorph_augmentation import (
     apply_keymorph_affine,
     augmentation_ramp,
@@ -42,7 +45,7 @@ from monai_ext.data.keymorph_augmentation import (
 from monai_ext.data.model_space import REFINE_SUFFIX
 from monai_ext.engines.affine_refinement import refine_keymorph_result
 from monai_ext.engines.registration import as_loss_terms, backward_and_step, pair_from_batch, to_device
-from monai_ext.losses.keymorph import KeypointConsistencyLoss
+from monai_ext.losses.keymorph import KeypointConsistencyLoss, KeyMorphLoss
 from monai_ext.networks.keymorph import fit_keypoint_transform, normalized_to_voxels, parse_alignment
 from monai_ext.spatial.affine import transform_points
 from monai_ext.spatial.sampling import affine_to_ddf, warp
@@ -55,6 +58,8 @@ __all__ = [
     "label_centroids",
     "KeyMorphPretrainIteration",
     "KeyMorphTrainIteration",
+    "keymorph_train_loss",
+    "keymorph_train_iteration",
 ]
 
 
@@ -482,6 +487,52 @@ class KeyMorphTrainIteration(_AugmentingIteration):
             engine.state.output["kpconsistency"] = self._consistency_step(engine, batchdata, model)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def keymorph_train_loss(supervised: bool = False, image_loss: str = "mse") -> KeyMorphLoss:
+    """The KeyMorph training loss of one mode, as the reference trains: one term only.
+
+    ``supervised``: soft Dice of the warped one-hot label maps (``KeyMorphLoss(image_loss=None,
+    label_loss="dice")``; ``image_loss`` is not used); otherwise the image term ``image_loss`` (``"mse"`` or
+    ``"lncc"``) alone.
+    """
+    if supervised:
+        return KeyMorphLoss(image_loss=None, label_loss="dice")
+    return KeyMorphLoss(image_loss=image_loss, label_loss=None)
+
+
+def keymorph_train_iteration(
+    supervised: bool = False,
+    consistency_weight: float = 0.0,
+    alignment: str | None = None,
+    max_params: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    affine_slope: float = -1,
+    max_train_seg_channels: int | None = None,
+    num_labels: int | None = None,
+    seed: int | None = None,
+) -> KeyMorphTrainIteration:
+    """A :class:`KeyMorphTrainIteration` on the batch keys of :class:`~monai_ext.data.keymorph.KeyMorphPairDataset`
+    items for one training mode.
+
+    ``supervised``: the label maps under :data:`~monai_ext.data.keymorph.PAIR_LABEL_KEYS` are read, augmented
+    with the moving image and handed to the loss (:func:`keymorph_train_loss`); otherwise no label key is read
+    (the batch may still hold unloaded label paths). ``consistency_weight > 0``: the keypoint-consistency step
+    on the images under :data:`~monai_ext.data.keymorph.CONSISTENCY_IMAGE_KEYS`. The other arguments are those of
+    :class:`KeyMorphTrainIteration`.
+    """
+    moving_label_key, fixed_label_key = PAIR_LABEL_KEYS if supervised else (None, None)
+    return KeyMorphTrainIteration(
+        moving_label_key=moving_label_key,
+        fixed_label_key=fixed_label_key,
+        alignment=alignment,
+        max_params=max_params,
+        affine_slope=affine_slope,
+        max_train_seg_channels=max_train_seg_channels,
+        num_labels=num_labels,
+        consistency_keys=CONSISTENCY_IMAGE_KEYS if consistency_weight > 0 else None,
+        consistency_weight=consistency_weight,
+        seed=seed,
+    )
 
 
 _LABEL_WARP = {"mode": "nearest", "padding": "zeros"}

@@ -62,6 +62,7 @@ from monai_ext.spatial.sampling import warp
 
 __all__ = [
     "KEYMORPH_OUTPUTS",
+    "QA_OUTPUTS",
     "check_input_images",
     "KeyMorphWriter",
     "write_groupwise",
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 KEYMORPH_OUTPUTS = ("transform_itk", "keypoints", "keypoints_qa")
+#: the QA pictures :class:`KeyMorphWriter` adds with ``qa_png``: the generic ``qa.png`` and ``keypoints_qa.png``
+QA_OUTPUTS = ("qa", "keypoints_qa")
 _LABEL_WARP = {"mode": "nearest", "padding": "zeros"}
 
 
@@ -161,6 +164,7 @@ class KeyMorphWriter(RegistrationWriter):
             ``transform_itk``, ``keypoints``, ``keypoints_qa``); default: everything except ``keypoints_qa``.
             ``metrics`` is added when no generic output is selected.
         labels, hd95, keys, overwrite: as in the parent.
+        qa_png: also write the QA pictures ``qa.png`` and ``keypoints_qa.png`` (added to ``outputs`` when missing).
     """
 
     def __init__(
@@ -174,8 +178,11 @@ class KeyMorphWriter(RegistrationWriter):
         moving_label_key: str = "moving_label",
         fixed_label_key: str = "fixed_label",
         overwrite: bool = False,
+        qa_png: bool = False,
     ) -> None:
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        if qa_png:
+            outputs += [o for o in QA_OUTPUTS if o not in outputs]
         unknown = sorted(set(outputs) - set(OUTPUTS) - set(KEYMORPH_OUTPUTS))
         if unknown:
             raise ValueError(f"unknown outputs {unknown}; choose from {list(OUTPUTS) + list(KEYMORPH_OUTPUTS)}")
