@@ -192,10 +192,10 @@ def test_train_iteration_modes():
 
 def test_writer_qa_png_adds_the_qa_pictures(tmp_path):
     assert {"qa", "keypoints_qa"} <= set(KeyMorphWriter(tmp_path, ["metrics"], qa_png=True).outputs) | set(
-        KeyMorphWriter(tmp_path, ["metrics"], qa_png=True).keymorph_outputs
+        KeyMorphWriter(tmp_path, ["metrics"], qa_png=True).extra_outputs
     )
     writer = KeyMorphWriter(tmp_path, ["metrics", "keypoints"])
-    assert "qa" not in writer.outputs and "keypoints_qa" not in writer.keymorph_outputs
+    assert "qa" not in writer.outputs and "keypoints_qa" not in writer.extra_outputs
     again = KeyMorphWriter(tmp_path, ["metrics", "qa"], qa_png=True)  # no duplicate
     assert again.outputs.count("qa") == 1
 

@@ -75,35 +75,21 @@ class AffineDeformableWriter(RegistrationWriter):
         output_dir: root folder.
         outputs: names of :data:`monai_ext.io.outputs.OUTPUTS` and :data:`AFFINE_DEFORMABLE_OUTPUTS`; default
             :data:`DEFAULT_OUTPUTS`.
-        labels: label values of the Dice (default: the non-zero values present in either label map).
-        hd95: add ``hd95`` (after ``T``, native fixed voxels) to ``metrics.json``.
         affine_key: key of ``A`` in the engine output.
-        moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite: as in the parent.
+        kwargs: ``labels`` (values of the Dice; default the non-zero values present in either label map), ``hd95``
+            (after ``T``, native fixed voxels), the keys and ``overwrite``, as in the parent.
     """
+
+    extra_output_names = AFFINE_DEFORMABLE_OUTPUTS
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         outputs: Sequence[str] = DEFAULT_OUTPUTS,
-        labels: Sequence[int] | None = None,
-        hd95: bool = False,
         affine_key: str = "affine_world",
-        moving_key: str = "moving_image",
-        fixed_key: str = "fixed_image",
-        moving_label_key: str = "moving_label",
-        fixed_label_key: str = "fixed_label",
-        overwrite: bool = False,
+        **kwargs: Any,
     ) -> None:
-        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
-        unknown = sorted(set(outputs) - set(OUTPUTS) - set(AFFINE_DEFORMABLE_OUTPUTS))
-        if unknown or not outputs:
-            valid = list(OUTPUTS) + list(AFFINE_DEFORMABLE_OUTPUTS)
-            raise ValueError(f"outputs must be a non-empty subset of {valid}, got unknown {unknown}")
-        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]  # the parent needs at least one output
-        super().__init__(
-            output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite
-        )
-        self.extra_outputs = [o for o in AFFINE_DEFORMABLE_OUTPUTS if o in outputs]
+        super().__init__(output_dir, outputs, **kwargs)
         self.affine_key = affine_key
 
     def _affine(self, item: Mapping[str, Any]) -> torch.Tensor:

@@ -162,35 +162,23 @@ class KeyMorphWriter(RegistrationWriter):
         output_dir: root folder.
         outputs: generic names (:data:`monai_ext.io.outputs.OUTPUTS`) and KeyMorph names (:data:`KEYMORPH_OUTPUTS`:
             ``transform_itk``, ``keypoints``, ``keypoints_qa``); default: everything except ``keypoints_qa``.
-            ``metrics`` is added when no generic output is selected.
-        labels, hd95, keys, overwrite: as in the parent.
         qa_png: also write the QA pictures ``qa.png`` and ``keypoints_qa.png`` (added to ``outputs`` when missing).
+        kwargs: ``labels``, ``hd95``, the keys and ``overwrite``, as in the parent.
     """
+
+    extra_output_names = KEYMORPH_OUTPUTS
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         outputs: Sequence[str] = (*OUTPUTS, "transform_itk", "keypoints"),
-        labels: Sequence[int] | None = None,
-        hd95: bool = False,
-        moving_key: str = "moving_image",
-        fixed_key: str = "fixed_image",
-        moving_label_key: str = "moving_label",
-        fixed_label_key: str = "fixed_label",
-        overwrite: bool = False,
         qa_png: bool = False,
+        **kwargs: Any,
     ) -> None:
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
         if qa_png:
             outputs += [o for o in QA_OUTPUTS if o not in outputs]
-        unknown = sorted(set(outputs) - set(OUTPUTS) - set(KEYMORPH_OUTPUTS))
-        if unknown:
-            raise ValueError(f"unknown outputs {unknown}; choose from {list(OUTPUTS) + list(KEYMORPH_OUTPUTS)}")
-        generic = [o for o in outputs if o in OUTPUTS] or ["metrics"]  # the parent needs at least one output
-        super().__init__(
-            output_dir, generic, labels, hd95, moving_key, fixed_key, moving_label_key, fixed_label_key, overwrite
-        )
-        self.keymorph_outputs = [o for o in KEYMORPH_OUTPUTS if o in outputs]
+        super().__init__(output_dir, outputs, **kwargs)
 
     def _write(self, item: Mapping[str, Any], folder: Path, name: str) -> None:
         moving_key, fixed_key = self.keys[:2]
@@ -199,7 +187,7 @@ class KeyMorphWriter(RegistrationWriter):
             raise ValueError("engine output must hold 'alignments' (use KeyMorphInferenceIteration)")
         moving, fixed = item[moving_key], item[fixed_key]
         affines = {side: (_model_affine(x), _file_affine(x)) for side, x in (("moving", moving), ("fixed", fixed))}
-        wanted = set(self.keymorph_outputs)
+        wanted = set(self.extra_outputs)
         for alignment, result in alignments.items():
             sub = {k: v for k, v in item.items() if k != "alignments"}
             sub.update(result)

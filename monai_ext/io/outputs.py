@@ -297,7 +297,13 @@ class RegistrationWriter:
         overwrite: write into a pair folder that exists already, replacing only the files of the same names
             (other files are kept); without it such a folder raises
             :class:`~monai_ext.io.validation.OutputExistsError` before the pair is written.
+
+    A subclass that writes more files lists their names in :attr:`extra_output_names`: ``outputs`` may then name
+    them too, and ``self.extra_outputs`` holds the selected ones (``self.outputs`` the generic ones, possibly none).
     """
+
+    #: output names a subclass adds to :data:`OUTPUTS` (written by its own ``_write``)
+    extra_output_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -311,13 +317,14 @@ class RegistrationWriter:
         fixed_label_key: str = "fixed_label",
         overwrite: bool = False,
     ) -> None:
-        if isinstance(outputs, str):
-            outputs = [outputs]
-        unknown = sorted(set(outputs) - set(OUTPUTS))
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        valid = [*OUTPUTS, *self.extra_output_names]
+        unknown = sorted(set(outputs) - set(valid))
         if unknown or not outputs:
-            raise ValueError(f"outputs must be a non-empty subset of {list(OUTPUTS)}, got unknown {unknown}")
+            raise ValueError(f"outputs must be a non-empty subset of {valid}, got unknown {unknown}")
         self.output_dir = Path(output_dir)
         self.outputs = [name for name in OUTPUTS if name in outputs]
+        self.extra_outputs = [name for name in self.extra_output_names if name in outputs]
         self.labels = labels
         self.hd95 = hd95
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
