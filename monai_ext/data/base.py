@@ -188,7 +188,8 @@ class AvgPoold(MapTransform):
 
     Trailing voxels that do not fill a whole window are dropped (``avg_pool``'s floor, as in SITReg).
     A MetaTensor's affine is updated so that coarse voxel ``j`` sits at the centre of its window,
-    fine voxel ``f j + (f - 1) / 2`` (:func:`monai_ext.spatial.coordinates.downsampled_voxel_to_voxel`).
+    fine voxel ``f j + (f - 1) / 2`` (:func:`monai_ext.spatial.coordinates.downsampled_voxel_to_voxel`);
+    the rest of its metadata (``original_affine``, ``spatial_shape``: the file's native grid) is kept.
     """
 
     def __init__(self, keys: KeysCollection, factor: int | Sequence[int], allow_missing_keys: bool = False) -> None:
@@ -210,8 +211,9 @@ class AvgPoold(MapTransform):
             if isinstance(image, MetaTensor):
                 step = downsampled_voxel_to_voxel(factor, n, dtype=torch.float64)
                 meta = {k: v for k, v in image.meta.items() if k != "affine"}
+                # meta["spatial_shape"] stays the file's shape (with "original_affine": the native grid that
+                # RegistrationWriter writes the outputs on), as MONAI's own spatial transforms keep it
                 pooled = MetaTensor(pooled, affine=image.affine.to(torch.float64) @ step, meta=meta)
-                pooled.meta["spatial_shape"] = np.asarray(pooled.shape[1:])
             d[key] = pooled
         return d
 
