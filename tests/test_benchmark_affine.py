@@ -138,3 +138,9 @@ def test_table_and_targets():
     target1, target2 = bench.check_targets(results, [0, 90])
     assert target1.startswith("target 1 [FAIL]") and target2.startswith("target 2 [FAIL]")
     assert all("[n/a]" in line for line in bench.check_targets({}, [0, 90]))
+    pipeline = {"ours_pipeline": {"rows": rows(0.55, 0.55)}, "ants_affine_sitreg": {"rows": rows(0.555, 0.05)}}
+    line = bench.check_pipeline_target(pipeline, [0, 90])
+    assert line.startswith("pipeline target [PASS]") and "0 deg -0.005" in line and "90 deg +0.500" in line
+    pipeline["ours_pipeline"]["rows"] = rows(0.53, 0.55)
+    assert bench.check_pipeline_target(pipeline, [0, 90]).startswith("pipeline target [FAIL]")
+    assert "[n/a]" in bench.check_pipeline_target({}, [0, 90])
