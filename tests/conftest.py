@@ -8,7 +8,9 @@ fixture file is an error, never a silent skip.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,3 +53,26 @@ def label_folder(tmp_path) -> Path:
         shutil.copy(source, folder / f"subject_{index}.nii.gz")
         shutil.copy(source, folder / f"training_seg_{9 + index:02d}.nii.gz")
     return folder
+
+
+def run_brain_training(config_files: Sequence[Path], bundle_root: Path, label_folder: Path, override: Mapping[str, Any]):
+    """Run a brain bundle's training configs (``initialize`` then ``run``) on ``label_folder`` (the
+    :func:`label_folder` fixture) with two pairs per epoch, no workers and ``override``; returns the parser."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "dataset_dir": str(label_folder),
+            "pairs_per_epoch": 2,
+            "num_workers": 0,
+            **override,
+        }
+    )
+    for _ in parser.get_parsed_content("initialize"):
+        pass
+    for _ in parser.get_parsed_content("run"):
+        pass
+    return parser

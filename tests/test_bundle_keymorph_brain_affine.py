@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_brain_training
 from monai.bundle import ConfigParser
 
 from monai_ext.data.synthbrain import BRAIN_LABELS, held_out_pairs
@@ -26,26 +27,8 @@ NUM_STRUCTURES = len(BRAIN_LABELS)
 
 
 def _run(bundle_root: Path, label_folder: Path, files: list[str], **override) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / f) for f in files])
-    parser.update(
-        {
-            "bundle_root": str(bundle_root),
-            "dataset_dir": str(label_folder),
-            "shape": [24, 24, 24],
-            "spacing": 9.0,
-            "pairs_per_epoch": 2,
-            "num_workers": 0,
-            "backbone#f_maps": 4,
-            "val_rotations": [0.0, 90.0],
-            **override,
-        }
-    )
-    for _ in parser.get_parsed_content("initialize"):
-        pass
-    for _ in parser.get_parsed_content("run"):
-        pass
-    return parser
+    small = {"shape": [24, 24, 24], "spacing": 9.0, "backbone#f_maps": 4, "val_rotations": [0.0, 90.0]}
+    return run_brain_training([CONFIGS / f for f in files], bundle_root, label_folder, {**small, **override})
 
 
 def test_pretrain_then_train_validates_and_resumes(tmp_path, label_folder):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from ignite.engine import Events
+from conftest import run_brain_training
 from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
@@ -134,26 +135,14 @@ def test_saturation_penalty_is_the_mean_squared_pre_tanh_of_every_block():
 
 
 def _train(bundle_root: Path, label_folder: Path, max_epochs: int) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
-    parser.update(
-        {
-            "bundle_root": str(bundle_root),
-            "dataset_dir": str(label_folder),
-            "shape": [24, 32, 24],
-            "spacing": 6.0,
-            "pairs_per_epoch": 2,
-            "max_epochs": max_epochs,
-            "num_workers": 0,
-            "network_def#features": [4, 8, 8, 8, 8],
-            "network_def#deformation_features": [None, 8, 8, 8, 8],
-        }
-    )
-    for expression in parser.get_parsed_content("initialize"):
-        pass
-    for expression in parser.get_parsed_content("run"):
-        pass
-    return parser
+    small = {
+        "shape": [24, 32, 24],
+        "spacing": 6.0,
+        "max_epochs": max_epochs,
+        "network_def#features": [4, 8, 8, 8, 8],
+        "network_def#deformation_features": [None, 8, 8, 8, 8],
+    }
+    return run_brain_training([BUNDLE / "configs" / "train.json"], bundle_root, label_folder, small)
 
 
 def test_train_config_trains_validates_and_resumes(tmp_path, label_folder):

@@ -17,7 +17,6 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
-    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
@@ -66,6 +65,9 @@ class ForegroundCentredGridd(MapTransform):
         threshold: foreground threshold as a fraction of the 99th percentile.
         frame_keys: image key -> data key of its frame map ``A`` (tensor or array ``(n + 1, n + 1)``, float64);
             images without an entry use their own world (``A`` = identity).
+        refine_pixdim: also write each image on a finer grid of the same centre and extent with voxels of
+            ``refine_pixdim`` mm (``spatial_size * pixdim / refine_pixdim`` voxels, rounded) under
+            ``<key>_refine`` (:data:`REFINE_SUFFIX`), e.g. for an intensity refinement of the network's result.
         allow_missing_keys: skip absent keys (e.g. pairs without label maps).
     """
 
@@ -77,9 +79,13 @@ class ForegroundCentredGridd(MapTransform):
         spatial_size: Sequence[int] = (88, 104, 88),
         threshold: float = 0.1,
         frame_keys: Mapping[str, str] | None = None,
+        refine_pixdim: float | None = None,
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if refine_pixdim is not None and not refine_pixdim > 0:
+            raise ValueError(f"refine_pixdim must be > 0, got {refine_pixdim}")
+        self.refine_pixdim = None if refine_pixdim is None else float(refine_pixdim)
         if len(label_keys) > len(self.keys):
             raise ValueError(f"label_keys {list(label_keys)} must follow image keys {list(self.keys)} one to one")
         self.label_of = dict(zip(self.keys, label_keys))
@@ -114,6 +120,11 @@ class ForegroundCentredGridd(MapTransform):
             if key in self.frame_keys:
                 frame = np.asarray(torch.as_tensor(d[self.frame_keys[key]]).detach().cpu(), dtype=np.float64)
                 centre = np.linalg.solve(frame, np.append(centre, 1.0))[:3]
+            if self.refine_pixdim is not None:
+                fine_size = [max(1, round(n * self.pixdim / self.refine_pixdim)) for n in self.spatial_size]
+                fine = grid_affine(fine_size, self.refine_pixdim, centre)
+                fine = torch.as_tensor(fine if frame is None else frame @ fine)
+                d[f"{key}{REFINE_SUFFIX}"] = self.image_resampler(image, dst_affine=fine, spatial_size=fine_size).float()
             target = grid_affine(self.spatial_size, self.pixdim, centre)
             target = torch.as_tensor(target if frame is None else frame @ target)
             d[key] = self.image_resampler(image, dst_affine=target, spatial_size=self.spatial_size).float()
@@ -172,25 +183,19 @@ def model_space_transforms(
         raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
     if frame_keys and centre != "foreground":
         raise ValueError("frame_keys needs centre='foreground'")
-    if refine_pixdim is not None and (centre != "foreground" or not refine_pixdim > 0):
-        raise ValueError(f"refine_pixdim needs centre='foreground' and must be > 0, got {refine_pixdim}")
+    if refine_pixdim is not None and centre != "foreground":
+        raise ValueError(f"refine_pixdim needs centre='foreground', got centre={centre!r}")
     images, labels = list(image_keys), list(label_keys)
     keys = images + labels
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
     transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)] if load else []
-    scaled = list(images)  # the keys of intensity scaling
-    if refine_pixdim is not None:
-        fine = [f"{key}{REFINE_SUFFIX}" for key in images]
-        fine_size = [max(1, round(size * pixdim[0] / refine_pixdim)) for size in spatial_size]
-        fine_frames = {f"{key}{REFINE_SUFFIX}": frame for key, frame in (frame_keys or {}).items()}
-        transforms += [
-            CopyItemsd(images, names=fine),
-            ForegroundCentredGridd(fine, (), refine_pixdim, fine_size, frame_keys=fine_frames),
-        ]
-        scaled += fine
+    # the keys of intensity scaling: the images and their finer copies
+    scaled = images + ([f"{key}{REFINE_SUFFIX}" for key in images] if refine_pixdim is not None else [])
     if centre == "foreground":
-        transforms.append(ForegroundCentredGridd(images, labels, pixdim[0], spatial_size, frame_keys=frame_keys))
+        transforms.append(
+            ForegroundCentredGridd(images, labels, pixdim[0], spatial_size, frame_keys=frame_keys, refine_pixdim=refine_pixdim)
+        )
     else:
         transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
         if pixdim is not None:

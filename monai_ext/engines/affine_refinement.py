@@ -20,6 +20,7 @@ the grids it is given with (the pull-back map: ``warp(moving, affine_to_ddf(matr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,7 @@ def refine_keymorph_result(
     fixed: torch.Tensor,
     steps: Sequence[int] = (25, 25, 25),
     refine_grids: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **options,
+    **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Refine an ``"affine"`` / ``"rigid"`` entry of :meth:`monai_ext.networks.keymorph.KeyMorph.register`
     (consistent grid convention, ``reference_grid=False``) by :func:`refine_affine`.
