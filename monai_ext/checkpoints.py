@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from monai_ext.errors import InputError, MissingInputError
 from monai_ext.networks.keypoints import ConvKeypointNet, KeypointDetector, TruncatedUNetKeypointNet
 from monai_ext.networks.sitreg import SITReg
 from monai_ext.spatial.inversion import AndersonSolver, MaxAbsResidual, RelativeL2Residual
@@ -217,8 +218,8 @@ def to_network_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Te
 
 
 def check_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise ``ValueError`` naming ``source``, the network class and the missing, unexpected and
-    shape-mismatched parameters (up to 5 of each) unless ``state`` fits ``network`` exactly."""
+    """Raise :class:`~monai_ext.errors.InputError` (a ``ValueError``) naming ``source``, the network class and the
+    missing, unexpected and shape-mismatched parameters (up to 5 of each) unless ``state`` fits ``network`` exactly."""
     own = network.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -233,7 +234,7 @@ def check_state_dict(network: torch.nn.Module, state: Mapping[str, torch.Tensor]
             for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
             if names
         )
-        raise ValueError(
+        raise InputError(
             f"{source} does not fit {type(network).__name__} as configured (another architecture or other "
             f"network_def settings, e.g. features, levels, deformation_normalization, predict_affine): {details}"
         )
@@ -297,7 +298,7 @@ def _build_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
             num_levels=num_levels,
             num_truncated=num_levels - 1 - num_decoders,
         )
-    raise ValueError(f"cannot infer a KeyMorph backbone from the state_dict keys {sorted(state_dict)[:5]} ...")
+    raise InputError(f"cannot infer a KeyMorph backbone from the state_dict keys {sorted(state_dict)[:5]} ...")
 
 
 def _load_strict(network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -332,12 +333,12 @@ def load_keymorph_checkpoint(
         ``network`` (or the new backbone) with the weights loaded.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable, foreign or mismatching (architecture, K) checkpoint.
+        MissingInputError: no such file (a ``FileNotFoundError``).
+        InputError: unreadable, foreign or mismatching (architecture, K) checkpoint (a ``ValueError``).
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"KeyMorph checkpoint not found: {path}")
+        raise MissingInputError(f"KeyMorph checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath]):
             container = torch.load(path, map_location=map_location, weights_only=not trusted)
@@ -352,9 +353,9 @@ def load_keymorph_checkpoint(
                 " for a checkpoint you trust pass trusted=True)"
             )
         )
-        raise ValueError(f"cannot unpickle {path}: {reason}{hint}") from err
+        raise InputError(f"cannot unpickle {path}: {reason}{hint}") from err
     except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
+        raise InputError(f"{path} is not a readable torch checkpoint: {err}") from err
     if isinstance(container, Mapping) and "state_dict" in container:
         state_dict = container["state_dict"]
     else:
@@ -365,7 +366,7 @@ def load_keymorph_checkpoint(
         or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
     ):
         keys = list(container)[:6] if isinstance(container, Mapping) else type(container).__name__
-        raise ValueError(
+        raise InputError(
             f"{path} is not a KeyMorph checkpoint: expected a dict with a 'state_dict' of tensors, got {keys}"
         )
     state_dict = convert_keymorph_state_dict(state_dict)
@@ -385,18 +386,23 @@ def load_keymorph_weights(
     A bundle checkpoint (``.pt`` of ``CheckpointSaver``: the KeyMorph state dict under the first of ``keys`` it
     holds, e.g. ``model.pt`` or a pretraining ``checkpoint_epoch=<E>.pt``) is loaded strictly; anything else is
     read as an official KeyMorph / BrainMorph checkpoint into ``network.backbone``
-    (:func:`~monai_ext.checkpoints.load_keymorph_checkpoint`, ``weights_only`` loading).
+    (:func:`~monai_ext.checkpoints.load_keymorph_checkpoint`, ``weights_only`` loading). A missing, unreadable or
+    mismatching file raises :class:`~monai_ext.errors.InputError` naming it.
     """
     if path is None or str(path) == "":
         return network
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle / zip errors of a corrupt or foreign file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"cannot read checkpoint {path} ({reason}): give a torch.save file of weights") from None
         for key in keys:
             if isinstance(state, Mapping) and key in state:
-                network.load_state_dict(state[key])
+                _load_strict(network, state[key], f"checkpoint {path}")
                 return network
     load_keymorph_checkpoint(path, network.backbone)
     return network

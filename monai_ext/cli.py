@@ -85,9 +85,10 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-_PAIR_KEYS = (("moving_image", "moving_label"), ("fixed_image", "fixed_label"))
 #: short names of bundles under ``bundles/`` (a bundle folder of the same name in the working directory wins)
 BUNDLE_ALIASES = {"brain": "sitreg_brain_raw"}
+#: files given beside each image of a pair (``--moving_<kind>`` / ``--fixed_<kind>``) and what they are
+_NOUNS = {"label": "label map", "mask": "mask"}
 
 
 def bundle_path(bundle: str | os.PathLike) -> Path:
@@ -123,29 +124,37 @@ def pair_files(
     fixed: str | os.PathLike,
     moving_label: str | os.PathLike | None = None,
     fixed_label: str | os.PathLike | None = None,
+    moving_mask: str | os.PathLike | None = None,
+    fixed_mask: str | os.PathLike | None = None,
 ) -> list[dict[str, str]]:
-    """Pair dicts ``{moving_image, fixed_image[, moving_label, fixed_label]}`` (file paths) for a bundle's ``pairs``.
+    """Pair dicts ``{moving_image, fixed_image[, moving_label, fixed_label][, moving_mask, fixed_mask]}`` (file paths)
+    for a bundle's ``pairs``.
 
     ``moving`` and ``fixed`` are two files (one pair) or two folders, whose image files (:data:`IMAGE_SUFFIXES`)
-    are paired by name: every name must be in both folders. Label maps are given for both sides or neither,
-    as files (with files) or folders holding a file of each image's name. A pair of one file with itself, or
-    of a folder with itself, is refused. Raises :class:`InputError` (missing path, mismatched names, ...).
+    are paired by name: every name must be in both folders. Label maps (and masks) are given for both sides or
+    neither, as files (with files) or folders holding a file of each image's name. A pair of one file with itself,
+    or of a folder with itself, is refused. Raises :class:`InputError` (missing path, mismatched names, ...).
     """
-    if (moving_label is None) != (fixed_label is None):
-        raise InputError("give both --moving_label and --fixed_label, or neither")
+    extras: dict[str, tuple[Path, Path]] = {}
+    for kind, (first, second) in zip(_NOUNS, ((moving_label, fixed_label), (moving_mask, fixed_mask))):
+        if (first is None) != (second is None):
+            raise InputError(f"give both --moving_{kind} and --fixed_{kind}, or neither")
+        if first is not None:
+            extras[kind] = (Path(first), Path(second))
     moving, fixed = Path(moving), Path(fixed)
-    for name, path in (("MOVING", moving), ("FIXED", fixed)):
+    for name, path in (("MOVING", moving), ("FIXED", fixed)) + tuple(
+        (f"--{side}_{kind}", path) for kind, paths in extras.items() for side, path in zip(("moving", "fixed"), paths)
+    ):
         if not path.exists():
             raise InputError(f"{name} not found: {path}")
-    labels = None if moving_label is None else (Path(moving_label), Path(fixed_label))
     if moving.is_file() and fixed.is_file():
         if _same_file(moving, fixed):
             raise InputError(f"MOVING and FIXED are the same file ({moving}): an image is not registered to itself")
         pair = {"moving_image": str(moving), "fixed_image": str(fixed)}
-        if labels is not None:
-            if not all(p.is_file() for p in labels):
-                raise InputError(f"with image files, the label maps must be files, got {labels[0]} and {labels[1]}")
-            pair.update(moving_label=str(labels[0]), fixed_label=str(labels[1]))
+        for kind, paths in extras.items():
+            if not all(p.is_file() for p in paths):
+                raise InputError(f"with image files, the {_NOUNS[kind]}s must be files, got {paths[0]} and {paths[1]}")
+            pair.update({f"moving_{kind}": str(paths[0]), f"fixed_{kind}": str(paths[1])})
         return [pair]
     if not (moving.is_dir() and fixed.is_dir()):
         raise InputError(f"MOVING and FIXED must both be files or both be folders, got {moving} and {fixed}")
@@ -157,17 +166,19 @@ def pair_files(
         raise InputError(f"images are paired by name; these names are in only one of {moving} and {fixed}: {unmatched}")
     if not moving_images:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {moving}")
-    if labels is not None and not all(p.is_dir() for p in labels):
-        raise InputError(f"with image folders, the label maps must be folders, got {labels[0]} and {labels[1]}")
-    label_files = None if labels is None else [_images_in(p) for p in labels]
+    listings: dict[str, tuple[tuple[Path, dict[str, Path]], ...]] = {}
+    for kind, paths in extras.items():
+        if not all(p.is_dir() for p in paths):
+            raise InputError(f"with image folders, the {_NOUNS[kind]}s must be folders, got {paths[0]} and {paths[1]}")
+        listings[kind] = tuple((folder, _images_in(folder)) for folder in paths)
     pairs = []
     for name in moving_images:
         pair = {"moving_image": str(moving_images[name]), "fixed_image": str(fixed_images[name])}
-        if label_files is not None:
-            for (_, key), found, folder in zip(_PAIR_KEYS, label_files, labels):
+        for kind, sides in listings.items():
+            for side, (folder, found) in zip(("moving", "fixed"), sides):
                 if name not in found:
-                    raise InputError(f"no label map named {name!r} in {folder}")
-                pair[key] = str(found[name])
+                    raise InputError(f"no {_NOUNS[kind]} named {name!r} in {folder}")
+                pair[f"{side}_{kind}"] = str(found[name])
         pairs.append(pair)
     return pairs
 
@@ -425,6 +436,8 @@ def register(
     out: str,
     moving_label: str | None = None,
     fixed_label: str | None = None,
+    moving_mask: str | None = None,
+    fixed_mask: str | None = None,
     overwrite: bool = False,
     no_weights: bool = False,
     weights: str | None = None,
@@ -444,6 +457,9 @@ def register(
         out: output folder (the config's ``output_dir``): one sub-folder ``<moving>__<fixed>`` per pair.
         moving_label: moving label map (file or folder), for Dice before / after; give both or neither.
         fixed_label: fixed label map (file or folder).
+        moving_mask: moving region mask (file or folder), for bundles that use masks (lung: ``sitreg_nlst``,
+            ``sitreg_lung250m_4b`` need them); give both or neither.
+        fixed_mask: fixed region mask (file or folder).
         overwrite: write into existing pair folders, replacing only this package's output files (other files
             are kept); without it an existing pair folder is an error.
         no_weights: register without trained weights (random initial network); add
@@ -469,7 +485,12 @@ def register(
     files = _config_files(bundle_dir, ["inference.json", *extra])
     parser = _load_config(files)
     override = _check_overrides(parser, override, bundle_dir, files)
-    pairs = pair_files(moving, fixed, moving_label, fixed_label)
+    uses_masks = "moving_mask" in json.dumps(parser.get())
+    if (moving_mask, fixed_mask) != (None, None) and not uses_masks:
+        raise InputError(f"--moving_mask/--fixed_mask: bundle {bundle_dir.name} does not use masks; drop them")
+    if moving_mask is None and fixed_mask is None and uses_masks:
+        raise InputError(f"bundle {bundle_dir.name} needs a mask of each image: give --moving_mask and --fixed_mask")
+    pairs = pair_files(moving, fixed, moving_label, fixed_label, moving_mask, fixed_mask)
     check_output_dir(out)
     flags: dict[str, Any] = {"pairs": pairs, "output_dir": str(out)}
     if "overwrite" in parser:

@@ -28,7 +28,9 @@ Interrupted runs: every run is tagged with its output folder, host and process i
 killed without notice (``kill -9``, a crash) leaves its run RUNNING; when a later workflow of the same output
 folder (a resumed training) opens its run, :func:`end_interrupted_runs` ends every such run whose process is
 gone as ``KILLED`` and links the runs both ways: ``monai_ext.resumed_from`` on the new run,
-``monai_ext.resumed_by`` on the interrupted one.
+``monai_ext.resumed_by`` on the interrupted one. Metrics are committed to MLflow at epoch boundaries only (when
+the next epoch starts, i.e. after the epoch's checkpoint was saved, and when the engine completes), so the steps
+an interrupted epoch had done are never logged by the interrupted run: the resumed run logs them, once.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from monai.bundle.utils import DEFAULT_HANDLERS_ID, DEFAULT_MLFLOW_SETTINGS
+from ignite.engine import Events
+from mlflow.entities import Metric
 from monai.handlers import MLFlowHandler
+from monai.utils import flatten_dict
 
 __all__ = [
     "TAGS",
@@ -81,6 +86,8 @@ EVAL_ARTIFACTS = (
 )
 
 
+#: metrics per MLflow ``log_batch`` request (the REST API accepts at most 1000)
+_BATCH = 1000
 _OPEN_RUNS: set[str] = set()  # ids of the runs opened by a TrackingHandler of this process and not yet closed
 
 
@@ -226,6 +233,7 @@ class TrackingHandler(MLFlowHandler):
         self.connect_timeout = connect_timeout
         self.disabled_reason: str | None = None
         self.owner = False
+        self._pending: list[Metric] = []
 
     def _guard(self, action: Callable[..., None], *args: Any) -> None:
         if self.disabled_reason is not None:
@@ -279,6 +287,25 @@ class TrackingHandler(MLFlowHandler):
             self.experiment_param = None  # the owner logs the params once
         self._guard(super().start, engine)
 
+    def attach(self, engine: Any) -> None:
+        super().attach(engine)
+        if not engine.has_event_handler(self.commit, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.commit)
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Hold the metrics of ``step`` until :meth:`commit` (``MLFlowHandler`` sends them at once)."""
+        timestamp = int(time.time() * 1000)
+        self._pending.extend(Metric(key, value, timestamp, step or 0) for key, value in flatten_dict(metrics).items())
+
+    def commit(self) -> None:
+        """Send the held metrics: called when an epoch starts (every handler of the previous epoch end, the
+        checkpoint saver included, has run) and when the engine completes."""
+        pending, self._pending = self._pending, []
+        if pending and self.cur_run is not None:
+            for begin in range(0, len(pending), _BATCH):
+                batch = pending[begin : begin + _BATCH]
+                self._guard(self.client.log_batch, self.cur_run.info.run_id, batch, [], [])
+
     def iteration_completed(self, engine: Any) -> None:
         self._guard(super().iteration_completed, engine)
 
@@ -324,7 +351,9 @@ class TrackingHandler(MLFlowHandler):
             self.client.log_artifact(self.cur_run.info.run_id, file, self._artifact_path(file))
 
     def complete(self) -> None:
-        """Log the artifacts if this handler opened the run (globs, sub-folders kept, the store excluded)."""
+        """Send the held metrics; log the artifacts if this handler opened the run (globs, sub-folders kept, the
+        store excluded)."""
+        self.commit()
         if self.owner and self.artifacts and self.cur_run:
             self._guard(self._log_artifacts)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import create_workflow
 
 from monai_ext.__main__ import main  # the command line: the cli commands and the demo
@@ -70,7 +71,13 @@ def files(tmp_path_factory) -> dict[str, str]:
         "label_shape": _save(root / "label_shape.nii.gz", np.zeros((16, 16, 15), np.int16)),
         "label_float": _save(root / "label_float.nii.gz", label.astype(np.float32) + 0.5),
         "weights": str(root / "no_weights_here.pt"),
+        "weights_garbage": str(root / "garbage.pt"),
+        "weights_no_state": str(root / "no_state.pt"),
+        "weights_other": str(root / "other_network.pt"),
     }
+    (root / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"epoch": 3}, root / "no_state.pt")
+    torch.save({"model": torch.nn.Conv3d(2, 3, 3).state_dict()}, root / "other_network.pt")
     os.symlink(good["moving_image"], root / "alias.nii.gz")
     bad["alias"] = str(root / "alias.nii.gz")
     for name in ("mov", "fix", "movlab", "fixlab", "only_a", "only_b", "nothing_a", "nothing_b"):
@@ -119,8 +126,13 @@ CLI_CASES = {
     ),
     "label missing": (
         ["sitreg_oasis", M, F, "{out}", "--moving_label", "{root}/absent.nii.gz", "--fixed_label", FL],
-        "the label maps must be files",
+        "--moving_label not found",
     ),
+    "masks for a bundle without masks": (
+        ["sitreg_oasis", M, F, "{out}", "--moving_mask", ML, "--fixed_mask", FL], "does not use masks"
+    ),
+    "lung bundle without masks": (["sitreg_nlst", M, F, "{out}"], "needs a mask of each image"),
+    "one mask only": (["sitreg_nlst", M, F, "{out}", "--moving_mask", ML], "give both --moving_mask and --fixed_mask"),
     "one label only": (["sitreg_oasis", M, F, "{out}", "--moving_label", ML], "give both --moving_label and --fixed_label"),
     "self pair": (["sitreg_oasis", M, M, "{out}"], "same file"),
     "self pair by symlink": (["sitreg_oasis", M, "{alias}", "{out}"], "same file"),
@@ -161,6 +173,17 @@ CLI_CASES = {
     "bundle weights missing": (
         ["sitreg_oasis", M, F, "{out}", "--ckpt_path", "{weights}"],
         "trained weights not found",
+    ),
+    "weights not a checkpoint": (["sitreg_oasis", M, F, "{out}", "--weights", "{weights_garbage}"], "cannot read checkpoint"),
+    "weights without a state dict": (
+        ["sitreg_oasis", M, F, "{out}", "--weights", "{weights_no_state}"], "holds no state dict"
+    ),
+    "weights of another network": (["sitreg_oasis", M, F, "{out}", "--weights", "{weights_other}"], "does not fit SITReg"),
+    "keymorph: weights not a checkpoint": (
+        ["keymorph_ixi_half", M, F, "{out}", "--weights", "{weights_garbage}"], "cannot read checkpoint"
+    ),
+    "keymorph: weights of another network": (
+        ["keymorph_ixi_half", M, F, "{out}", "--weights", "{weights_other}"], "does not fit KeyMorph"
     ),
     "weights flag without a value": (["sitreg_oasis", M, F, "{out}", "--weights"], "--weights needs a value"),
     "flag given twice": (["sitreg_oasis", M, F, "{out}", "--overwrite", "--overwrite"], "--overwrite is given twice"),
@@ -320,6 +343,28 @@ def test_bundle_bad_input(case, files, tmp_path):
     assert "evaluator" not in workflow.parser.ref_resolver.resolved_content, case  # the engine never started
     assert not out.exists(), case
     assert Path(files["a_file"]).read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ("weights", "checkpoint not found"),
+        ("weights_garbage", "cannot read checkpoint"),
+        ("weights_no_state", "holds no state dict"),
+        ("weights_other", "does not fit SITReg"),
+    ],
+)
+def test_bundle_bad_weights(weights, message, files, tmp_path):
+    """Trained weights are read and checked against the configured network when the evaluator is built."""
+    out = tmp_path / "out"
+    workflow = _bundle_workflow({}, files, out)
+    workflow.parser.update({"load_pretrained": True, "ckpt_path": files[weights]})
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    error = str(_raised_input_error(raised))
+    assert message in error and files[weights] in error and "\n" not in error
+    assert "evaluator" not in workflow.parser.ref_resolver.resolved_content  # the engine was never built
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

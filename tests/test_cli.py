@@ -185,3 +185,17 @@ def test_evaluate_on_synthetic_oasis(tmp_path, capsys):
     name = "OASIS_OAS1_0002_MR1__OASIS_OAS1_0003_MR1"
     assert f"{name}: Dice" in stdout and "1 pair(s): mean Dice" in stdout
     assert f"-> {summary['metrics']['dice']['mean']:.3f}" in stdout
+
+
+def test_register_with_masks(tmp_path, pair_dir):
+    """A lung bundle takes a region mask per image (``--moving_mask`` / ``--fixed_mask``) and writes its outputs."""
+    masks = []
+    for side in ("moving", "fixed"):
+        label = nib.load(str(pair_dir[f"{side}_label"]))
+        mask = (np.asarray(label.dataobj) > 0).astype(np.uint8)
+        masks += [f"--{side}_mask", _save(tmp_path / f"{side}_mask.nii.gz", mask, label.affine)]
+    out = tmp_path / "out"
+    network = [t for t in TINY if t not in ("--crop", "None")]  # sitreg_nlst has no crop setting
+    args = ["register", "sitreg_nlst", str(pair_dir["moving_image"]), str(pair_dir["fixed_image"]), str(out)]
+    assert main([*args, *masks, *network, "--outputs", "['forward_ddf','metrics']"]) == 0
+    assert {p.name for p in (out / "moving__fixed").iterdir()} == {"forward_ddf.nii.gz", "metrics.json"}

@@ -18,7 +18,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "monai_ext"
 
 LAYERS: list[set[str]] = [
-    {"spatial"},  # coordinates, sampling, B-splines, inversion, affine fits, thin-plate splines: pure tensor maths
+    # errors: the bad-input exceptions; spatial: coordinates, sampling, B-splines, inversion, affine fits, TPS
+    {"errors", "spatial"},
     {"metrics", "networks", "data"},
     {"losses", "checkpoints", "export", "tracking"},
     {"engines"},

@@ -166,3 +166,42 @@ def test_a_killed_run_is_ended_and_linked_to_the_resumed_one(tmp_path):
     assert client.get_run(elsewhere).info.status == "RUNNING"
     handler.close()
     assert client.get_run(resumed).info.status == "FINISHED"
+
+
+def test_a_training_killed_mid_epoch_resumes_without_repeated_steps(tmp_path):
+    """``os._exit`` at iteration 3 (inside epoch 2 of 2 x 2 pairs): the killed run holds epoch 1 only (steps 1, 2)
+    and ends KILLED; the resumed run (resuming from the epoch-1 checkpoint) holds steps 3, 4: no step twice."""
+    import subprocess
+    import sys
+
+    from monai_ext.tracking import RESUMED_FROM
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    write_synthetic_oasis(tmp_path / "data", num_subjects=4, shape=(16, 16, 16), num_labels=3)
+    kill = bundle / "configs" / "kill.json"
+    kill.write_text(json.dumps({"run": [
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=3), lambda e: os._exit(9))",
+        "$@train#checkpoint.attach(@train#trainer)",
+        "$@train#trainer.run()",
+    ], "imports": ["$import os", "$import ignite", "$import torch", "$import monai_ext"]}))
+    settings_file = write_settings(tmp_path / "tracking.json", experiment_name="killed")
+    overrides = {**TINY, "resume": True, "bundle_root": str(bundle), "dataset_dir": str(tmp_path / "data")}
+    (bundle / "configs" / "tiny.json").write_text(json.dumps(overrides))
+
+    def train(*configs: str) -> int:
+        files = json.dumps([str(bundle / "configs" / c) for c in ("train.json", "tiny.json", *configs)])
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--tracking", str(settings_file)]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True).returncode
+
+    assert train("kill.json") == 9
+    assert train() == 0
+    client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(str(bundle / "eval" / "mlruns.db")))
+    experiment = client.get_experiment_by_name("killed")
+    resumed, killed = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    assert killed.info.status == "KILLED" and resumed.info.status == "FINISHED"
+    assert resumed.data.tags[RESUMED_FROM] == killed.info.run_id
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")] == [3, 4]
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "val_mean_dice")] == [1]
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "val_mean_dice")] == [2]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
+from monai_ext.errors import InputError, MissingInputError, OutputExistsError
 from monai_ext.io.native import load_image
 
 __all__ = [
@@ -40,18 +41,6 @@ __all__ = [
 #: image keys of a pair dict, and the label-map / mask keys that must lie on each image's grid
 IMAGE_KEYS = ("moving_image", "fixed_image")
 LABEL_KEYS = {"moving_image": ("moving_label", "moving_mask"), "fixed_image": ("fixed_label", "fixed_mask")}
-
-
-class InputError(ValueError):
-    """A bad input or output location, found before any compute; the message is one line saying what to do."""
-
-
-class MissingInputError(InputError, FileNotFoundError):
-    """An input file that does not exist (also a ``FileNotFoundError``)."""
-
-
-class OutputExistsError(InputError, FileExistsError):
-    """An output that exists and may not be replaced (also a ``FileExistsError``)."""
 
 
 def check_image(
