@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from monai_ext.data.keymorph import (
-    KeyMorphPairDataset,
     csv_pairs,
     csv_subjects,
     ixi_subjects,
@@ -22,6 +21,7 @@ from monai_ext.data.keymorph import (
     same_subject_pairs,
     subject_id,
 )
+from monai_ext.data.pairs import RegistrationPairDataset
 
 
 def _touch(path: Path) -> Path:
@@ -157,9 +157,15 @@ def test_csv_pairs_option1(tmp_path):
 
 
 def test_pair_dataset_epochs_and_consistency(tmp_path):
+    """KeyMorph's training dataset: listed modality pairs, each with a same-subject consistency item merged."""
     subjects = ixi_subjects(_ixi(tmp_path, 3), ("T1", "T2"), split="all")
-    pairs = modality_pairs(subjects)
-    dataset = KeyMorphPairDataset(pairs, pairs_per_epoch=5, consistency=same_subject_pairs(subjects), seed=1)
+    pairs = modality_pairs(subjects)  # 2 modalities x 3 x 2 ordered pairs = 12
+    consistency = same_subject_pairs(subjects)
+
+    def make():
+        return RegistrationPairDataset(pairs, pairs_per_epoch=5, seed=1, pairing="listed", extras=consistency)
+
+    dataset = make()
     assert len(dataset) == 5
     epoch0 = [dataset[i] for i in range(5)]
     assert [dataset[i] for i in range(5)] == epoch0  # reproducible
@@ -169,10 +175,24 @@ def test_pair_dataset_epochs_and_consistency(tmp_path):
         assert item["consistency_modality_1"] != item["consistency_modality_2"]
         first, second = (Path(item[f"consistency_image_{i}"]).name.split("-T")[0] for i in (1, 2))
         assert first == second  # the same subject
+        assert {k: item[k] for k in pairs[0]} in pairs  # the pair's own keys are kept as listed
     dataset.set_epoch(1)
     assert [dataset[i] for i in range(5)] != epoch0
     with pytest.raises(IndexError):
         dataset[5]
+    # every pair once per cycle of 12 items (epochs 0..11 of 5 items = 5 cycles), across epoch boundaries
+    stream = []
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        stream += [(item["moving_image"], item["fixed_image"]) for item in (dataset[i] for i in range(5))]
+    everything = {(p["moving_image"], p["fixed_image"]) for p in pairs}
+    for cycle in range(5):
+        assert sorted(stream[cycle * 12 : (cycle + 1) * 12]) == sorted(everything)
+    # resumable: a fresh dataset set to an epoch gives that epoch's items, and the same seed the same stream
+    resumed = make()
+    resumed.set_epoch(7)
+    dataset.set_epoch(7)
+    assert [resumed[i] for i in range(5)] == [dataset[i] for i in range(5)]
 
 
 def test_paired_files(tmp_path):

@@ -23,9 +23,10 @@ with itself); those self-pairs teach nothing (the identity is exact) and are exc
 paired with itself (same path).
 
 Pair dicts are ``{"moving_<key>": ..., "fixed_<key>": ...}`` (:func:`monai_ext.data.base.pair_item`), the keys the
-training / evaluation iterations read. :class:`KeyMorphPairDataset` draws ``pairs_per_epoch`` of them per epoch
-(the reference's 32 steps per epoch over a shuffled loader), reproducibly per ``(seed, epoch)``, optionally with a
-same-subject two-modality item for the keypoint-consistency step.
+training / evaluation iterations read. Training draws ``pairs_per_epoch`` of them per epoch (the reference's 32 steps
+per epoch over a shuffled loader) with :class:`monai_ext.data.pairs.RegistrationPairDataset` (``pairing="listed"``:
+random permutations of the pair list, reproducible per ``(seed, epoch)``), with its ``extras`` the same-subject
+two-modality items (:func:`consistency_subject_pairs`) for the keypoint-consistency step.
 
 Preprocessing (:func:`keymorph_transforms`, to model space): :func:`keymorph_pair_transforms` and
 :func:`keymorph_image_transforms` pick the keys from what the items carry (label maps, consistency images), so the
@@ -39,13 +40,12 @@ import csv
 import itertools
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.transforms import Compose, Orientationd, apply_transform
-from torch.utils.data import Dataset
+from monai.transforms import Compose, Orientationd
 
 from monai_ext.data.base import pair_item
 from monai_ext.data.model_space import model_space_transforms
@@ -59,7 +59,6 @@ __all__ = [
     "csv_pairs",
     "modality_pairs",
     "same_subject_pairs",
-    "KeyMorphPairDataset",
     "keymorph_subjects",
     "keymorph_pairs",
     "keymorph_transforms",
@@ -81,7 +80,9 @@ _TRUE = ("1", "true", "yes", "train")
 PAIR_IMAGE_KEYS = ("moving_image", "fixed_image")
 #: keys of the two label maps of a pair dict
 PAIR_LABEL_KEYS = ("moving_label", "fixed_label")
-#: keys of the same-subject two-modality images :class:`KeyMorphPairDataset` adds for the consistency step
+#: keys of the same-subject two-modality images for the consistency step: the ``image_1`` / ``image_2`` of a
+#: :func:`same_subject_pairs` item merged into a training pair under the ``consistency_`` prefix
+#: (the ``extras`` of :class:`monai_ext.data.pairs.RegistrationPairDataset`)
 CONSISTENCY_IMAGE_KEYS = ("consistency_image_1", "consistency_image_2")
 
 
@@ -294,73 +295,6 @@ def same_subject_pairs(subjects: Mapping[str, Sequence[Mapping[str, Any]]]) -> l
     return out
 
 
-class KeyMorphPairDataset(Dataset):
-    """``pairs_per_epoch`` random pairs per epoch from a pair list, optionally with a same-subject item.
-
-    Item ``i`` of epoch ``e`` is the pair with index ``perm_e[i mod P]`` where ``perm_e`` is a random permutation of
-    the ``P`` pairs drawn from a generator seeded with ``(seed, e)``: reproducible and resumable (set the epoch with
-    :meth:`set_epoch` or :class:`monai_ext.data.pairs.PairEpochHandler`). With ``consistency`` items, a random one
-    (same generator) is merged into the pair dict under ``consistency_<key>`` (``consistency_image_1`` /
-    ``consistency_image_2``: the keys for the training iteration's ``consistency_keys``).
-
-    Args:
-        pairs: pair dicts (:func:`modality_pairs`, :func:`csv_pairs`).
-        transform: applied to the merged dict (loads the images).
-        pairs_per_epoch: items per epoch (reference 32 steps); default all pairs.
-        consistency: optional same-subject items (:func:`same_subject_pairs`).
-        seed: base seed.
-    """
-
-    def __init__(
-        self,
-        pairs: Sequence[Mapping[str, Any]],
-        transform: Callable | None = None,
-        pairs_per_epoch: int | None = None,
-        consistency: Sequence[Mapping[str, Any]] | None = None,
-        seed: int = 23,
-    ) -> None:
-        self.pairs = list(pairs)
-        if not self.pairs:
-            raise ValueError("pairs must not be empty")
-        self.pairs_per_epoch = len(self.pairs) if pairs_per_epoch is None else int(pairs_per_epoch)
-        if self.pairs_per_epoch < 1:
-            raise ValueError(f"pairs_per_epoch must be positive, got {pairs_per_epoch}")
-        self.consistency = None if consistency is None else list(consistency)
-        if self.consistency is not None and not self.consistency:
-            raise ValueError("consistency must be None or non-empty")
-        self.transform = transform
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the pairs of ``epoch`` (0-based)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.pairs_per_epoch
-
-    def indices(self, index: int) -> tuple[int, int | None]:
-        """``(pair index, consistency index or None)`` of item ``index`` in the current epoch."""
-        if not 0 <= index < self.pairs_per_epoch:
-            raise IndexError(f"index {index} out of range for {self.pairs_per_epoch} pairs per epoch")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.pairs), generator=generator)
-        pair = int(order[index % len(self.pairs)])
-        if self.consistency is None:
-            return pair, None
-        extra = torch.randint(len(self.consistency), (self.pairs_per_epoch,), generator=generator)
-        return pair, int(extra[index])
-
-    def __getitem__(self, index: int) -> Any:
-        pair, extra = self.indices(index)
-        item = dict(self.pairs[pair])
-        if extra is not None:
-            item.update({f"consistency_{k}": v for k, v in self.consistency[extra].items()})
-        return apply_transform(self.transform, item) if self.transform is not None else item
-
-
 def keymorph_subjects(
     dataset: str,
     data_path: str | os.PathLike,
@@ -461,8 +395,9 @@ def keymorph_pair_transforms(
     Images :data:`PAIR_IMAGE_KEYS` always; label maps :data:`PAIR_LABEL_KEYS` when ``labels`` is true or a label
     path (the bundles pass ``supervised`` / ``val_labels`` in training and the ``moving_label`` path in inference,
     ``None`` there meaning no labels); the same-subject images :data:`CONSISTENCY_IMAGE_KEYS` when ``consistency``
-    is true or a positive number (the training's ``consistency_weight``; :class:`KeyMorphPairDataset` adds those
-    images to every item when it has same-subject pairs, :func:`consistency_subject_pairs`).
+    is true or a positive number (the training's ``consistency_weight``; the training dataset,
+    :class:`monai_ext.data.pairs.RegistrationPairDataset`, adds those images to every item when its ``extras`` are
+    the same-subject pairs of :func:`consistency_subject_pairs`).
 
     Args:
         labels: load and resample the pair's label maps too (nearest neighbour).
@@ -495,7 +430,8 @@ def consistency_subject_pairs(
     split: str = "train",
     modalities: Sequence[str] = IXI_MODALITIES,
 ) -> list[dict[str, Any]] | None:
-    """The ``consistency`` items of :class:`KeyMorphPairDataset` for a training with ``consistency_weight``.
+    """The same-subject items (``extras``) of the training :class:`monai_ext.data.pairs.RegistrationPairDataset`
+    for a training with ``consistency_weight``.
 
     ``None`` (no consistency items, the subject lists are not even read) when ``consistency_weight`` is not
     positive; otherwise :func:`same_subject_pairs` of :func:`keymorph_subjects` ``(dataset, data_path, split,

@@ -1,13 +1,21 @@
 """Pair sampling for pairwise registration training.
 
-Inter-subject (``pairing="inter"``): all ``n (n - 1)`` ordered pairs ``(i, j), i != j`` of ``n`` cases
-are visited in random permutations drawn one after another from a ``torch.Generator`` seeded with
-``seed``; an epoch takes the next ``pairs_per_epoch`` pairs of that endless stream, so consecutive
-epochs continue through the current permutation before a new one starts (SITReg's
-``VolumetricRegistrationTrainingDataset``).
+:class:`RegistrationPairDataset` serves every pairwise training of the package; its ``pairing`` says where
+the pairs come from:
 
-Intra-case (``pairing="intra"``, lung datasets): each case holds two images of one subject (e.g.
-inhale / exhale); its pair is (image 0 = moving, image 1 = fixed), visited in the fixed case order.
+* inter-subject (``pairing="inter"``, SITReg): all ``n (n - 1)`` ordered pairs ``(i, j), i != j`` of ``n``
+  cases are visited in random permutations drawn one after another from a ``torch.Generator`` seeded with
+  ``seed``; an epoch takes the next ``pairs_per_epoch`` pairs of that endless stream, so consecutive epochs
+  continue through the current permutation before a new one starts (SITReg's
+  ``VolumetricRegistrationTrainingDataset``);
+* listed (``pairing="listed"``, KeyMorph): ready pair dicts (e.g. modality pairs, or the rows of a pair list),
+  visited through the same kind of permutation stream over the ``P`` listed pairs;
+* intra-case (``pairing="intra"``, lung datasets): each case holds two images of one subject (e.g.
+  inhale / exhale); its pair is (image 0 = moving, image 1 = fixed), visited in the fixed case order.
+
+Optionally every item also carries one item of a second list (``extras``, e.g. KeyMorph's same-subject
+two-modality images for the keypoint-consistency step), drawn from a permutation stream of its own and merged
+under prefixed keys.
 
 Triplets (:class:`TripletDataset`, SITReg's group-consistency fine-tuning): triplets of distinct cases
 drawn uniformly with replacement, the same on every process of a triplet group.
@@ -27,21 +35,70 @@ import torch
 from monai.transforms import apply_transform
 from torch.utils.data import Dataset
 
-__all__ = ["RegistrationPairDataset", "TripletDataset", "PairEpochHandler"]
+__all__ = ["PAIRINGS", "RegistrationPairDataset", "TripletDataset", "PairEpochHandler"]
+
+#: the ``pairing`` modes of :class:`RegistrationPairDataset`
+PAIRINGS = ("inter", "intra", "listed")
+
+
+class _PermutationStream:
+    """Endless stream of random permutations of ``range(size)``, drawn in order from one ``torch.Generator``
+    seeded with ``seed``: ``stream[position]`` is entry ``position % size`` of permutation ``position // size``.
+    Permutations are drawn on first use and kept, so any position can be read in any order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self._generator = torch.Generator().manual_seed(seed)
+        self._permutations: list[torch.Tensor] = []
+
+    def __getitem__(self, position: int) -> int:
+        cycle, offset = divmod(position, self.size)
+        while len(self._permutations) <= cycle:
+            self._permutations.append(torch.randperm(self.size, generator=self._generator))
+        return int(self._permutations[cycle][offset])
 
 
 class RegistrationPairDataset(Dataset):
     """Map-style dataset of ``pairs_per_epoch`` (moving, fixed) pair dicts for the current epoch.
 
+    Item ``index`` of epoch ``e`` is position ``e * pairs_per_epoch + index`` of the pairing's order (module
+    docstring): a cycle visits every pair exactly once, epochs continue the cycle, and :meth:`set_epoch` reaches
+    any epoch directly (a resumed run gets the pairs it would have had), deterministically for a given ``seed``.
+
+    Items (before ``transform``) are dicts of the entries of ``data`` (typically file paths and names):
+
+    * ``"inter"``: pair ``(i, j)`` is ``{"moving_<key>": data[i][key], "fixed_<key>": data[j][key]}`` for every
+      key of the cases;
+    * ``"intra"``: ``{"moving_<key>": value[0], "fixed_<key>": value[1]}`` for every two-element value of the
+      case, ``{"moving_<key>": value, "fixed_<key>": value}`` for the others (a case name);
+    * ``"listed"``: a shallow copy of the pair dict, keys as they are (e.g. ``moving_image``, ``fixed_image``,
+      ``moving_label``, ...).
+
+    With ``extras``, item ``index`` also holds ``{f"{extras_prefix}{key}": value}`` for every entry of
+    ``extras[k]``, ``k`` read at the same position of a second permutation stream over the extras (seeded with
+    ``seed + 1``), so every extra item is used once per cycle of the extras; an extra key that is also a key of
+    the pair raises ``KeyError``. ``transform`` (e.g. a MONAI ``Compose`` loading the images as channel-first
+    ``(C, H, W, D)`` arrays) is applied to the merged dict.
+
     Args:
-        data: the cases. ``pairing="inter"``: dicts such as ``{"image": path, "label": path, "name": str}``;
-            item ``(i, j)`` is ``{"moving_<key>": data[i][key], "fixed_<key>": data[j][key]}`` for every key.
-            ``pairing="intra"``: dicts whose values are two-element sequences (image 0, image 1), e.g.
-            ``{"image": [inhale, exhale], "mask": [...]}``; scalar values (a case name) go to both sides.
-        transform: callable (e.g. a MONAI ``Compose``) applied to every pair dict (loads both images).
-        pairs_per_epoch: items per epoch; default one full cycle (``n (n - 1)`` or ``n`` cases).
-        seed: seed of the permutation stream (SITReg uses 123456789).
-        pairing: ``"inter"`` or ``"intra"``.
+        data: ``pairing="inter"``: the cases, dicts such as ``{"image": path, "label": path, "name": str}``
+            (at least 2). ``"intra"``: dicts whose values are two-element sequences (image 0, image 1), e.g.
+            ``{"image": [inhale, exhale], "mask": [...]}``, scalar values (a case name) going to both sides (at
+            least 1). ``"listed"``: pair dicts with prefixed keys, e.g. ``{"moving_image": path,
+            "fixed_image": path, "moving_name": str, "fixed_name": str}`` (at least 1).
+        transform: callable applied to every item dict (loads both images).
+        pairs_per_epoch: items per epoch; default one full cycle (``n (n - 1)`` for ``"inter"``, ``len(data)``
+            otherwise).
+        seed: seed of the permutation streams (SITReg uses 123456789); ``"intra"`` order does not depend on it.
+        pairing: one of :data:`PAIRINGS`, ``"inter"``, ``"intra"`` or ``"listed"``.
+        extras: optional non-empty sequence of dicts, one of which is merged into every item, e.g. KeyMorph's
+            same-subject items ``{"image_1": path, "image_2": path, "modality_1": str, "modality_2": str,
+            "subject": str}``.
+        extras_prefix: prefix of the merged extra keys (``"consistency_"``: ``consistency_image_1``, ...).
+
+    Raises:
+        ValueError: an unknown ``pairing``, too few entries in ``data``, an empty ``extras``, a non-positive
+            ``pairs_per_epoch`` or a malformed intra-case entry.
     """
 
     def __init__(
@@ -51,16 +108,18 @@ class RegistrationPairDataset(Dataset):
         pairs_per_epoch: int | None = None,
         seed: int = 123456789,
         pairing: str = "inter",
+        extras: Sequence[Mapping[str, Any]] | None = None,
+        extras_prefix: str = "consistency_",
     ) -> None:
-        if pairing not in ("inter", "intra"):
-            raise ValueError(f"pairing must be 'inter' or 'intra', got {pairing!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         self.data = list(data)
         n = len(self.data)
         if pairing == "inter" and n < 2:
             raise ValueError(f"data must hold at least 2 cases for inter-subject pairs, got {n}")
+        if n < 1:
+            raise ValueError(f"data must hold at least 1 {'pair' if pairing == 'listed' else 'case'}")
         if pairing == "intra":
-            if n < 1:
-                raise ValueError("data must hold at least 1 case")
             for case in self.data:
                 self._intra_pair(case)  # validates every case up front
         self.pairing = pairing
@@ -68,11 +127,15 @@ class RegistrationPairDataset(Dataset):
         self.pairs_per_epoch = self.num_pairs if pairs_per_epoch is None else int(pairs_per_epoch)
         if self.pairs_per_epoch < 1:
             raise ValueError(f"pairs_per_epoch must be positive, got {pairs_per_epoch}")
+        self.extras = None if extras is None else list(extras)
+        if self.extras is not None and not self.extras:
+            raise ValueError("extras must be None or non-empty")
+        self.extras_prefix = extras_prefix
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
-        self._generator = torch.Generator().manual_seed(self.seed)
-        self._permutations: list[torch.Tensor] = []
+        self._order = _PermutationStream(self.num_pairs, self.seed)
+        self._extras_order = None if self.extras is None else _PermutationStream(len(self.extras), self.seed + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the pairs of ``epoch`` (0-based)."""
@@ -83,21 +146,30 @@ class RegistrationPairDataset(Dataset):
     def __len__(self) -> int:
         return self.pairs_per_epoch
 
-    def pair_indices(self, index: int) -> tuple[int, int]:
-        """Case indices ``(moving, fixed)`` of item ``index`` in the current epoch (``moving == fixed`` for intra)."""
+    def _position(self, index: int) -> int:
         if not 0 <= index < self.pairs_per_epoch:
             raise IndexError(f"index {index} out of range for {self.pairs_per_epoch} pairs per epoch")
-        position = self.epoch * self.pairs_per_epoch + index
+        return self.epoch * self.pairs_per_epoch + index
+
+    def pair_indices(self, index: int) -> tuple[int, int]:
+        """Indices into ``data`` ``(moving, fixed)`` of item ``index`` in the current epoch; ``"intra"`` and
+        ``"listed"`` give ``(k, k)``, ``k`` the entry holding both sides."""
+        position = self._position(index)
         if self.pairing == "intra":
             case = position % self.num_pairs
             return case, case
-        cycle, offset = divmod(position, self.num_pairs)
-        while len(self._permutations) <= cycle:  # permutations are drawn in order from one generator
-            self._permutations.append(torch.randperm(self.num_pairs, generator=self._generator))
-        pair = int(self._permutations[cycle][offset])
+        pair = self._order[position]
+        if self.pairing == "listed":
+            return pair, pair
         n = len(self.data)
         moving, rest = divmod(pair, n - 1)  # the n - 1 partners of `moving`, skipping itself
         return moving, rest + (rest >= moving)
+
+    def extra_index(self, index: int) -> int | None:
+        """Index into ``extras`` of the extra item merged into item ``index`` of the current epoch (``None``
+        without ``extras``)."""
+        position = self._position(index)
+        return None if self._extras_order is None else self._extras_order[position]
 
     def _intra_pair(self, case: Mapping[str, Any]) -> dict[str, Any]:
         item: dict[str, Any] = {}
@@ -114,11 +186,20 @@ class RegistrationPairDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         moving, fixed = self.pair_indices(index)
-        if self.pairing == "intra":
+        if self.pairing == "listed":
+            item = dict(self.data[moving])
+        elif self.pairing == "intra":
             item = self._intra_pair(self.data[moving])
         else:
             item = {f"moving_{k}": v for k, v in self.data[moving].items()}
             item.update({f"fixed_{k}": v for k, v in self.data[fixed].items()})
+        extra = self.extra_index(index)
+        if extra is not None:
+            merged = {f"{self.extras_prefix}{k}": v for k, v in self.extras[extra].items()}
+            clash = sorted(item.keys() & merged.keys())
+            if clash:
+                raise KeyError(f"extra keys {clash} (prefix {self.extras_prefix!r}) would overwrite the pair's keys")
+            item.update(merged)
         return apply_transform(self.transform, item) if self.transform is not None else item
 
 
@@ -201,12 +282,16 @@ class TripletDataset(Dataset):
 class PairEpochHandler:
     """Ignite handler: before each epoch, ``dataset.set_epoch(engine.state.epoch - 1)``.
 
-    Attach it to the trainer (in a bundle: an entry of ``train#handlers``) so that the pairs continue
-    through the permutation stream across epochs and after resuming from a checkpoint. The data
-    loader's iterator is created after ``EPOCH_STARTED``, so worker processes see the new epoch.
+    Attach it to the trainer (in a bundle: an entry of ``train#handlers``) so that the pairs (and the extra
+    items) continue through their permutation streams across epochs and after resuming from a checkpoint. The
+    data loader's iterator is created after ``EPOCH_STARTED``, so worker processes see the new epoch.
+
+    Args:
+        dataset: any dataset with ``set_epoch(epoch)``: :class:`RegistrationPairDataset` (every pairing),
+            :class:`TripletDataset`.
     """
 
-    def __init__(self, dataset: RegistrationPairDataset) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         if not hasattr(dataset, "set_epoch"):
             raise ValueError(f"dataset must provide set_epoch(epoch), got {type(dataset).__name__}")
         self.dataset = dataset

@@ -511,8 +511,8 @@ def keymorph_train_iteration(
     num_labels: int | None = None,
     seed: int | None = None,
 ) -> KeyMorphTrainIteration:
-    """A :class:`KeyMorphTrainIteration` on the batch keys of :class:`~monai_ext.data.keymorph.KeyMorphPairDataset`
-    items for one training mode.
+    """A :class:`KeyMorphTrainIteration` on the batch keys of the KeyMorph training items (listed pairs of
+    :class:`~monai_ext.data.pairs.RegistrationPairDataset`, with ``consistency_`` extras) for one training mode.
 
     ``supervised``: the label maps under :data:`~monai_ext.data.keymorph.PAIR_LABEL_KEYS` are read, augmented
     with the moving image and handed to the loss (:func:`keymorph_train_loss`); otherwise no label key is read
