@@ -290,6 +290,29 @@ def test_symmetry_is_exact(spatial_dims, shape, kwargs):
         assert torch.equal(model(torch.cat((moving, fixed), dim=1)), forward_ddf)
 
 
+def test_mixed_precision_is_symmetric_and_close_to_float32():
+    """bfloat16 convolutions: the same weights give a float32 DDF within a few % of the float32 network's, the
+    symmetry stays exact and gradients reach every parameter."""
+    model = _tiny(3)
+    _amplify_final_convs(model)
+    mixed = _tiny(3, mixed_precision=True)
+    mixed.load_state_dict(model.state_dict())
+    moving, fixed = torch.rand(1, 1, 11, 10, 9), torch.rand(1, 1, 11, 10, 9)
+    with torch.no_grad():
+        reference, _ = model.forward_and_inverse(moving, fixed)
+        forward_ddf, inverse_ddf = mixed.forward_and_inverse(moving, fixed)
+        swapped_forward, swapped_inverse = mixed.forward_and_inverse(fixed, moving)
+    assert forward_ddf.dtype == torch.float32
+    assert torch.equal(forward_ddf, swapped_inverse) and torch.equal(inverse_ddf, swapped_forward)
+    scale = float(reference.abs().max())
+    assert scale > 0.5 and 0 < float((forward_ddf - reference).abs().max()) < 0.05 * scale
+    forward_ddf, _ = mixed.forward_and_inverse(moving, fixed)
+    forward_ddf.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mixed.parameters())
+    with pytest.raises(ValueError, match="mixed_precision"):
+        _tiny(3, mixed_precision="bf16")
+
+
 def test_encoder_level_shapes():
     """Reference ``feature_extractor_test``: (15, 32, 17) with 5 levels ceil-halves to these shapes."""
     encoder = SITRegEncoder(3, 1, (2, 2, 2, 2, 2), (1, 1, 1, 1, 1))

@@ -33,8 +33,9 @@ feature-only levels its "level 0" output comes after only the coarsest few predi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,15 @@ class SITRegEncoder(nn.Module):
             for layer in convolution:  # conv, then norm + activation: each input is released after use
                 out = layer(out)
         return out
+
+
+def _use_bfloat16(mixed_precision: bool | str, device: torch.device) -> bool:
+    """Whether ``SITReg(mixed_precision=...)`` runs its convolutions in bfloat16 on ``device``."""
+    if mixed_precision != "auto":
+        return bool(mixed_precision)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)
@@ -451,6 +461,12 @@ class SITReg(nn.Module):
             live on the input grid). Levels finer than ``t`` must not predict deformations; the affine
             stage needs 1. A factor of 2 makes the sampling inside compositions and inversions, which
             dominates the cost of a training step on a CPU, 8 times cheaper.
+        mixed_precision: ``True``: run the convolutions (encoder and deformation blocks) under bfloat16 autocast
+            on the inputs' device and return their outputs in the inputs' dtype; the B-spline upsampling,
+            sampling, inversions and compositions stay in that dtype. ``"auto"``: only where the device computes
+            bfloat16 natively (a CPU with AVX-512 BF16 or AMX, a CUDA device with bfloat16 support; elsewhere
+            bfloat16 is emulated and slower). Not in the paper: it makes a CPU training step ~30 % cheaper; the
+            symmetry of the deformation blocks is kept (both directions run the same operations).
 
     Inputs of any shape whose every axis exceeds ``2^(L - 2)`` (so each level really halves it) are accepted.
     """
@@ -472,6 +488,7 @@ class SITReg(nn.Module):
         forward_solver: AndersonSolver | None = None,
         backward_solver: AndersonSolver | None = None,
         transformation_downsampling_factor: int = 1,
+        mixed_precision: bool | str = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -544,6 +561,9 @@ class SITReg(nn.Module):
             coarsest = self.level_shapes(self.input_shape)[-1]
             self.affine_head = SITRegAffineHead(spatial_dims, features[-1] * math.prod(coarsest))
         self.inversion = DDFInversion(forward_solver, backward_solver)
+        if mixed_precision not in (True, False, "auto"):
+            raise ValueError(f"mixed_precision must be True, False or 'auto', got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
 
     @property
     def deformation_levels(self) -> list[int]:
@@ -594,9 +614,19 @@ class SITReg(nn.Module):
         to_voxel = invert_homogeneous(to_world)
         return to_voxel @ world_fwd @ to_world, to_voxel @ world_inv @ to_world
 
+    def _convolve(self, module: Callable[..., Any], *inputs: torch.Tensor) -> Any:
+        """``module(*inputs)``, under bfloat16 autocast with ``mixed_precision`` (outputs cast back to the inputs'
+        dtype: a tensor or a list of tensors)."""
+        if not _use_bfloat16(self.mixed_precision, inputs[0].device):
+            return module(*inputs)
+        dtype = inputs[0].dtype
+        with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
+            out = module(*inputs)
+        return [o.to(dtype) for o in out] if isinstance(out, list) else out.to(dtype)
+
     def _encode(self, image: torch.Tensor, drop_finest: bool) -> list[torch.Tensor | None]:
         """Encoder features of one image, finest first; level 0 replaced by ``None`` if ``drop_finest``."""
-        features: list[torch.Tensor | None] = self.encoder(image)
+        features: list[torch.Tensor | None] = self._convolve(self.encoder, image)
         if drop_finest:
             features[0] = None
         return features
@@ -604,7 +634,7 @@ class SITReg(nn.Module):
     def _pop_finest(self, features: list[torch.Tensor | None], image: torch.Tensor) -> torch.Tensor:
         """Remove and return the finest remaining level of ``features``, recomputed from ``image`` if dropped."""
         popped = features.pop()
-        return self.encoder.finest(image) if popped is None else popped
+        return self._convolve(self.encoder.finest, image) if popped is None else popped
 
     def _warp_features(
         self, features: torch.Tensor, level: int, chain: torch.Tensor | None, affine: torch.Tensor | None
@@ -672,7 +702,7 @@ class SITReg(nn.Module):
             del features_1[level + 1 :], features_2[level + 1 :]  # levels already processed
             warped_1 = self._warp_features(self._pop_finest(features_1, moving), level, left_f, aff_f)
             warped_2 = self._warp_features(self._pop_finest(features_2, fixed), level, right_f, aff_i)
-            pre_fwd, pre_rev = block(warped_1, warped_2), block(warped_2, warped_1)
+            pre_fwd, pre_rev = self._convolve(block, warped_1, warped_2), self._convolve(block, warped_2, warped_1)
             control_fwd, control_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
             if not return_intermediates:
                 del warped_1, warped_2, pre_fwd, pre_rev
