@@ -52,16 +52,17 @@ def test_keypoint_detector_onnx(tmp_path):  # onnx comes with the dev extra
 @pytest.mark.parametrize(
     "backbone, shape",
     [
-        (lambda: ConvKeypointNet(in_channels=1, num_keypoints=4, spatial_dims=2), (1, 1, 32, 32)),
+        (lambda: ConvKeypointNet(in_channels=1, num_keypoints=4, spatial_dims=2), (1, 1, 64, 64)),
         (lambda: TruncatedUNetKeypointNet(1, 8, 3, f_maps=4, num_levels=3, num_groups=2), (1, 1, 16, 16, 16)),
     ],
     ids=["conv-2d", "truncated-unet-3d"],
 )
 def test_keypoint_detector_onnx_runs_under_onnxruntime(tmp_path, backbone, shape):
     """The exported graph, run by onnxruntime on inputs other than the export example, gives the eager
-    keypoints ``(B, K, n)`` within 3e-5 and heatmap masses ``(B, K)`` within 1e-5 relative (onnxruntime comes with
-    the dev extra). Keypoints are heatmap-weighted float32 sums whose order differs between the two runtimes and
-    with the thread count: observed up to 1.05e-5 with 2 threads, so 1e-5 alone is at the edge of float32."""
+    keypoints ``(B, K, n)`` and heatmap masses ``(B, K)`` within 1e-5 (masses relative; onnxruntime comes with the
+    dev extra). The heatmaps of the two runtimes differ by float32 rounding (a few 1e-6 of their range, each as far
+    from a float64 run as the other); a keypoint is a ratio of heatmap sums, so the heatmaps must not be tiny:
+    the 2-D net pools 64^2 to 4^2 (from 32^2 to 2^2 the float32 keypoints of either runtime move by ~1e-5)."""
     import onnxruntime
 
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def test_keypoint_detector_onnx_runs_under_onnxruntime(tmp_path, backbone, shape
         assert onnx_points.shape == points.shape and onnx_masses.shape == masses.shape
         # keypoints: normalised coordinates in [-1, 1], absolute error; masses: sums of a heatmap (hundreds here),
         # float32 sums in another order, relative error
-        assert float((onnx_points - points).abs().max()) <= 3e-5
+        assert float((onnx_points - points).abs().max()) <= 1e-5
         assert float(((onnx_masses - masses).abs() / masses.abs().clamp_min(1.0)).max()) <= 1e-5
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from monai_ext.networks.keypoints import CenterOfMass, KeypointDetector, power_weights
+from monai_ext.networks.keypoints import CenterOfMass, KeypointDetector, heatmap_chunks, power_weights
 from monai_ext.spatial.affine import check_spread, fit_affine, fit_rigid, transform_points
 from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_normalized
 from monai_ext.spatial.sampling import voxel_grid
@@ -419,7 +419,7 @@ class KeyMorph(nn.Module):
             raise ValueError(f"{name} must be (B, C, *spatial) with {want} spatial dims, got {tuple(image.shape)}")
         if not torch.isfinite(image).all():
             raise ValueError(f"{name} contains non-finite values")
-        points, mass = self.center_of_mass(self.backbone(image))
+        points, mass = self.center_of_mass.from_chunks(heatmap_chunks(self.backbone, image))
         if (mass == 0).all(dim=1).any():
             items = (mass == 0).all(dim=1).nonzero()[:, 0].tolist()
             raise ValueError(f"{name}: every heatmap is empty (blank image?) for batch items {items}: no keypoints")

@@ -22,7 +22,9 @@ multi-modal affine registration via unsupervised keypoint detection", MIDL 2021;
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,9 +38,16 @@ __all__ = [
     "ConvKeypointNet",
     "TruncatedUNetKeypointNet",
     "KeypointDetector",
+    "heatmap_chunks",
 ]
 
 _EMPTY_MODES = ("corner", "center", "raise")
+
+RowSource = Callable[[int, int], torch.Tensor]
+"""Rows ``start:stop`` along the first spatial axis of a volume ``(B, C, D, ...)``: ``(B, C, stop - start, ...)``."""
+
+_SLAB_ELEMENTS = 2**24
+"""Memory-saving path: elements per batch item of a slab's conv input and output together, and of a heatmap chunk."""
 
 
 def _check_image(x: torch.Tensor, name: str, in_channels: int, spatial_dims: int, min_size: int) -> None:
@@ -107,23 +116,15 @@ class CenterOfMass(nn.Module):
         Returns:
             points ``(B, K, n)`` in normalised coordinates, and the mass ``(B, K)`` if ``return_mass``.
         """
-        if not isinstance(heatmaps, torch.Tensor):
-            raise TypeError(f"heatmaps must be a torch.Tensor, got {type(heatmaps).__name__}")
-        n = heatmaps.ndim - 2
-        if n not in (2, 3):
-            raise ValueError(
-                f"heatmaps must have shape (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(heatmaps.shape)}"
-            )
-        if not torch.isfinite(heatmaps).all():
-            raise ValueError("heatmaps contain non-finite values")
-        density = torch.relu(heatmaps)
-        mass = density.flatten(2).sum(-1)
-        coords = []
-        for axis in range(n):
-            marginal = density.sum(dim=[2 + a for a in range(n) if a != axis])  # (B, K, N_axis)
-            pos = torch.linspace(0, 1, heatmaps.shape[2 + axis], dtype=heatmaps.dtype, device=heatmaps.device)
-            coords.append(2 * (marginal * pos).sum(-1) / (marginal.sum(-1) + self.eps) - 1)
-        points = torch.stack(coords if self.indexing == "ij" else coords[::-1], dim=-1)
+        return self.from_chunks((heatmaps,))
+
+    def from_chunks(self, chunks: Iterable[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` of heatmaps given as consecutive channel chunks ``(B, K_i, *spatial)`` (``sum K_i = K``).
+
+        Every channel is reduced on its own, so only one chunk needs to exist at a time (e.g.
+        :meth:`TruncatedUNetKeypointNet.heatmap_chunks`); the result equals :meth:`forward` of their concatenation.
+        """
+        points, mass = (torch.cat(parts, dim=1) for parts in zip(*(self._unmasked(chunk) for chunk in chunks)))
         empty = mass == 0
         if self.empty == "raise" and empty.any():
             raise ValueError(
@@ -132,6 +133,32 @@ class CenterOfMass(nn.Module):
         # explicit also for "corner" so that eps = 0 cannot give 0 / 0
         points = points.masked_fill(empty[..., None], -1.0 if self.empty == "corner" else 0.0)
         return (points, mass) if self.return_mass else points
+
+    def _unmasked(self, heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points ``(B, K, n)`` (before the ``empty`` rule) and masses ``(B, K)`` of heatmaps ``(B, K, *spatial)``."""
+        if not isinstance(heatmaps, torch.Tensor):
+            raise TypeError(f"heatmaps must be a torch.Tensor, got {type(heatmaps).__name__}")
+        n = heatmaps.ndim - 2
+        if n not in (2, 3):
+            raise ValueError(
+                f"heatmaps must have shape (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(heatmaps.shape)}"
+            )
+        if heatmaps.numel() and not _finite_range(heatmaps):
+            raise ValueError("heatmaps contain non-finite values")
+        density = torch.relu(heatmaps)
+        mass = density.flatten(2).sum(-1)
+        coords = []
+        for axis in range(n):
+            marginal = density.sum(dim=[2 + a for a in range(n) if a != axis])  # (B, K, N_axis)
+            pos = torch.linspace(0, 1, heatmaps.shape[2 + axis], dtype=heatmaps.dtype, device=heatmaps.device)
+            coords.append(2 * (marginal * pos).sum(-1) / (marginal.sum(-1) + self.eps) - 1)
+        return torch.stack(coords if self.indexing == "ij" else coords[::-1], dim=-1), mass
+
+
+def _finite_range(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()`` for a non-empty ``x`` in one reduction without temporaries (NaN fails both tests)."""
+    low, high = torch.aminmax(x)
+    return bool(low > -math.inf and high < math.inf)
 
 
 def power_weights(mass_fixed: torch.Tensor, mass_moving: torch.Tensor) -> torch.Tensor:
@@ -249,6 +276,144 @@ class _PreNormConv(nn.Sequential):
             )
         )
 
+    def slabs(self, parts: Sequence[RowSource], shape: Sequence[int]) -> Iterator[torch.Tensor]:
+        """``self(cat(parts, dim=1))`` as consecutive slabs ``(B, C_out, d, ...)`` along the first spatial axis.
+
+        The memory-saving path of :class:`TruncatedUNetKeypointNet` (no gradients): the input ``(B, C_in, *shape)``
+        is read through ``parts`` (channel blocks, possibly computed on the fly) and neither it, its normalised copy
+        nor the output exist in full. Written by hand because neither PyTorch nor MONAI has a slab-wise GroupNorm
+        + conv: the group statistics need the whole input, so a first pass merges per-slab moments
+        (:func:`_group_norm_affine`); the second normalises each slab with one halo row per side (zeros outside
+        the volume, the conv's padding) and convolves it. Slabs have an even number of rows (so that a 2^n
+        max-pool can follow slab by slab), except possibly the last (:func:`_slab_bounds`).
+        """
+        depth = shape[0]
+        rows = _slab_rows(self.conv.in_channels, self.conv.out_channels, shape)
+        scale, shift = _group_norm_affine(self.groupnorm, parts, depth, rows)
+        conv = _CONV[len(shape)]
+        padding = (0, *self.conv.padding[1:])
+        for start, stop in _slab_bounds(depth, rows):
+            x = _normalised_rows(parts, scale, shift, start, stop, depth)
+            yield self.act(conv(x, self.conv.weight, self.conv.bias, padding=padding))
+
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+
+
+def _slab_rows(in_channels: int, out_channels: int, shape: Sequence[int]) -> int:
+    """Rows per slab of a conv ``in_channels -> out_channels`` on a volume ``(B, C, *shape)``: an even number
+    with ``(in_channels + out_channels) * rows * plane ~ _SLAB_ELEMENTS``, but enough rows for PyTorch to pick
+    oneDNN over its several times slower native conv (for a batch of one only if ``C * (rows + 2) * shape[1] >
+    20480``: the single-channel image of a 256^3 volume needs slabs of 80 rows)."""
+    rows = _SLAB_ELEMENTS // ((in_channels + out_channels) * math.prod(shape[1:]))
+    rows = max(rows, 20480 // (in_channels * shape[1]) - 1)
+    return max(2, rows + rows % 2)
+
+
+def _slab_bounds(depth: int, rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive slabs of ``rows`` rows covering ``range(depth)``. A remainder of fewer than
+    ``max(2, rows // 2)`` rows joins the last slab: a single row would max-pool to nothing, and thin slabs take
+    PyTorch's slow native conv (:func:`_slab_rows`)."""
+    starts = list(range(0, depth, rows))
+    if len(starts) > 1 and depth - starts[-1] < max(2, rows // 2):
+        starts.pop()
+    return list(zip(starts, [*starts[1:], depth]))
+
+
+def _empty_channels_last(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised channels-last tensor (faster oneDNN convolutions on the CPU) with ``like``'s dtype and device."""
+    memory_format = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
+def _normalised_rows(
+    parts: Sequence[RowSource], scale: torch.Tensor, shift: torch.Tensor, start: int, stop: int, depth: int
+) -> torch.Tensor:
+    """Rows ``start - 1 : stop + 1`` of ``cat(parts, dim=1) * scale + shift`` (``scale``, ``shift``: ``(B, C)``) as a
+    channels-last ``(B, C, stop - start + 2, ...)``, zero outside ``range(depth)`` (a conv's zero padding)."""
+    low, high = max(start - 1, 0), min(stop + 1, depth)
+    first = low - start + 1  # row of input row ``low``: 1 after a zero row at the volume start, else 0
+    blocks = [part(low, high) for part in parts]
+    out = _empty_channels_last((*scale.shape, stop - start + 2, *blocks[0].shape[3:]), blocks[0])
+    out[:, :, :first] = 0
+    out[:, :, first + high - low :] = 0
+    channel = 0
+    for block in blocks:
+        end = channel + block.shape[1]
+        view = out[:, channel:end, first : first + high - low]
+        torch.addcmul(_spread(shift[:, channel:end], view), block, _spread(scale[:, channel:end], view), out=view)
+        channel = end
+    return out
+
+
+def _spread(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``values`` ``(B, C)`` broadcastable against ``like`` ``(B, C, *spatial)``."""
+    return values.reshape(*values.shape, *(1,) * (like.ndim - 2))
+
+
+def _rows(x: torch.Tensor) -> RowSource:
+    """The rows of a stored volume ``x`` ``(B, C, D, ...)``."""
+    return lambda start, stop: x[:, :, start:stop]
+
+
+def _upsampled_rows(x: torch.Tensor, size: Sequence[int]) -> RowSource:
+    """The rows of ``F.interpolate(x, size, mode="nearest")`` (as :class:`_UpCat`), computed on demand.
+
+    The source row of every output row comes from upsampling the row indices themselves (the same nearest
+    rule); the remaining axes are upsampled slab by slab (channels-last: PyTorch's fast nearest kernel).
+    """
+    index = torch.arange(x.shape[2], dtype=torch.float64, device=x.device).reshape(1, 1, -1)
+    index = F.interpolate(index, size=size[0], mode="nearest").reshape(-1).long()
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        picked = _empty_channels_last((*x.shape[:2], stop - start, *x.shape[3:]), x)
+        torch.index_select(x, 2, index[start:stop], out=picked)
+        return F.interpolate(picked, size=(stop - start, *size[1:]), mode="nearest")
+
+    return rows
+
+
+def _materialize(slabs: Iterable[torch.Tensor], depth: int) -> torch.Tensor:
+    """Stack slabs ``(B, C, d_i, ...)`` along the first spatial axis into a channels-last ``(B, C, depth, ...)``."""
+    out, start = None, 0
+    for slab in slabs:
+        if out is None:
+            out = _empty_channels_last((*slab.shape[:2], depth, *slab.shape[3:]), slab)
+        out[:, :, start : start + slab.shape[2]] = slab
+        start += slab.shape[2]
+    return out
+
+
+def _moments(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and biased variance ``(2, B, C)`` of ``x`` ``(B, C, *spatial)`` (two passes; a few times
+    faster than ``torch.var_mean``'s scalar Welford loop on the CPU)."""
+    dims = tuple(range(2, x.ndim))
+    mean = x.mean(dims, keepdim=True)
+    return torch.stack([mean.flatten(1), (x - mean).square_().mean(dims)])
+
+
+def _group_norm_affine(
+    norm: nn.GroupNorm, parts: Sequence[RowSource], depth: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` ``(B, C)`` with ``norm(x) = x * scale + shift`` for ``x = cat(parts, dim=1)``.
+
+    Per-channel means and (biased) variances of every slab of ``rows`` rows are merged into the group moments
+    in float64 (the pairwise update of Chan et al.: no sum-of-squares cancellation).
+    """
+    bounds = _slab_bounds(depth, rows)
+    moments = [torch.cat([_moments(part(start, stop)) for part in parts], dim=-1) for start, stop in bounds]
+    mean, variance = torch.stack(moments).double().unbind(1)  # (S, B, C) each
+    slabs, batch, channels = mean.shape
+    width = channels // norm.num_groups
+    rows_per_slab = torch.tensor([stop - start for start, stop in bounds], dtype=torch.float64, device=mean.device)
+    weight = (rows_per_slab / (depth * width)).reshape(slabs, 1, 1, 1)  # a slab channel's share of its group
+    mean, variance = mean.reshape(slabs, batch, -1, width), variance.reshape(slabs, batch, -1, width)
+    group_mean = (weight * mean).sum((0, 3))  # (B, G)
+    group_variance = (weight * (variance + (mean - group_mean[..., None]) ** 2)).sum((0, 3))
+    scale = (group_variance + norm.eps).rsqrt()[..., None] * norm.weight.double().reshape(-1, width)  # (B, G, width)
+    shift = norm.bias.double().reshape(-1, width) - group_mean[..., None] * scale
+    return tuple(t.reshape(batch, channels).to(norm.weight.dtype) for t in (scale, shift))
+
 
 class _UpCat(nn.Module):
     """Decoder level: nearest upsampling to the skip's size, concatenation ``[skip, up]``, two convs.
@@ -266,6 +431,13 @@ class _UpCat(nn.Module):
     def forward(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
         return self.conv2(self.conv1(torch.cat([skip, x], dim=1)))
+
+    def slab_forward(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in slabs (:meth:`_PreNormConv.slabs`): neither the upsampled ``x`` nor the
+        concatenation is stored. Returns a channels-last tensor."""
+        shape = skip.shape[2:]
+        x = _materialize(self.conv1.slabs([_rows(skip), _upsampled_rows(x, shape)], shape), shape[0])
+        return _materialize(self.conv2.slabs([_rows(x)], shape), shape[0])
 
 
 class TruncatedUNetKeypointNet(nn.Module):
@@ -290,9 +462,18 @@ class TruncatedUNetKeypointNet(nn.Module):
         num_truncated: dropped decoder levels, ``0 <= t <= L - 1`` (reference default 1; 0 is the
             full U-Net layout, not parity-tested here).
         num_groups: GroupNorm groups (1 for convs with fewer input channels).
+        low_memory_voxels: inputs of at least this many voxels per image take the memory-saving path when
+            gradients are off (``None``: never); see below.
 
     Input ``(B, in_channels, *spatial)``, every spatial size ``>= 2^(L-1)``; output
     ``(B, K, *s_t)`` with ``s_t`` the size after ``t`` floor halvings (t = 1: half resolution).
+
+    Memory-saving path (no gradients, not tracing, at least ``low_memory_voxels`` voxels): every convolution runs
+    in slabs along the first spatial axis (:meth:`_PreNormConv.slabs`) on channels-last tensors, the unused
+    full-resolution encoder outputs are max-pooled slab by slab instead of stored, and :meth:`heatmap_chunks`
+    applies the final conv a few keypoints at a time. It computes the same function (float32 rounding aside,
+    about 1e-6 relative) with a fraction of the memory (a 256^3 image: under 2 GB instead of about 9 GB);
+    forward hooks of the submodules do not fire in it.
     """
 
     sizes = {"S": 4, "M": 5, "L": 6, "H": 7}
@@ -306,6 +487,7 @@ class TruncatedUNetKeypointNet(nn.Module):
         num_levels: int | str = 4,
         num_truncated: int = 1,
         num_groups: int = 8,
+        low_memory_voxels: int | None = 64**3,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -339,18 +521,72 @@ class TruncatedUNetKeypointNet(nn.Module):
         self.num_keypoints = num_keypoints
         self.spatial_dims = spatial_dims
         self.num_levels = num_levels
+        self.num_truncated = num_truncated
+        self.low_memory_voxels = low_memory_voxels
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, *spatial)`` -> heatmaps ``(B, K, *s_t)`` (may be negative)."""
-        _check_image(image, "image", self.in_channels, self.spatial_dims, 2 ** (self.num_levels - 1))
-        features = []
+        if self._saves_memory(image):
+            return self._final_conv(self._slab_features(image), 0, self.num_keypoints)
+        skips = []
         x = image
-        for encoder in self.encoders:
+        for level, encoder in enumerate(self.encoders):
             x = encoder(x)
-            features.append(x)
-        for decoder, skip in zip(self.decoders, features[-2::-1]):
-            x = decoder(skip, x)
+            if self.num_truncated <= level < self.num_levels - 1:  # joined by a decoder
+                skips.append(x)
+        for decoder in self.decoders:
+            x = decoder(skips.pop(), x)
         return self.final_conv(x)
+
+    def heatmap_chunks(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The heatmaps of :meth:`forward` as consecutive keypoint chunks ``(B, K_i, *s_t)`` (for
+        :meth:`CenterOfMass.from_chunks`): on the memory-saving path the final conv makes them a chunk at a
+        time, so that the ``K`` heatmaps never exist at once; otherwise a single chunk."""
+        if not self._saves_memory(image):
+            return iter((self(image),))
+        features = self._slab_features(image)
+        step = max(1, _SLAB_ELEMENTS // features[0, 0].numel())
+        return (self._final_conv(features, k, k + step) for k in range(0, self.num_keypoints, step))
+
+    def _final_conv(self, features: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Heatmaps ``start:stop`` ``(B, k, *s_t)`` (contiguous) of channels-last ``features`` ``(B, f_t, *s_t)``.
+
+        The 1^n conv as a matrix product with the ``(B, f_t, N)`` view of the features: no contiguous copy, and
+        PyTorch runs a single-threaded 1^n conv of channels-last input through its slow native kernel. The weight
+        is detached (gradient-free path) because ``matmul`` avoids its fast folded route for operands that
+        require grad, even under ``no_grad`` (five times slower).
+        """
+        weight, bias = self.final_conv.weight.detach().flatten(1)[start:stop], self.final_conv.bias[start:stop]
+        return (weight @ features.flatten(2)).add_(bias[:, None]).unflatten(2, features.shape[2:])
+
+    def _saves_memory(self, image: torch.Tensor) -> bool:
+        """Validate ``image``; True for the memory-saving path (class docstring)."""
+        _check_image(image, "image", self.in_channels, self.spatial_dims, 2 ** (self.num_levels - 1))
+        return (
+            self.low_memory_voxels is not None
+            and math.prod(image.shape[2:]) >= self.low_memory_voxels
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+        )
+
+    def _slab_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The last decoder's output ``(B, f_t, *s_t)`` (channels-last), every conv in slabs."""
+        x, skips, pooled = image, [], False
+        for level, encoder in enumerate(self.encoders):
+            if level > 0 and not pooled:
+                x = encoder.pool(x)
+            x = _materialize(encoder.conv1.slabs([_rows(x)], x.shape[2:]), x.shape[2])
+            slabs = encoder.conv2.slabs([_rows(x)], x.shape[2:])
+            pooled = level < self.num_truncated  # not a skip: only its pooled version is needed
+            if pooled:
+                x = _materialize(map(self.encoders[level + 1].pool, slabs), x.shape[2] // 2)
+            else:
+                x = _materialize(slabs, x.shape[2])
+                if level < self.num_levels - 1:
+                    skips.append(x)
+        for decoder in self.decoders:
+            x = decoder.slab_forward(skips.pop(), x)
+        return x
 
 
 class KeypointDetector(nn.Module):
@@ -376,4 +612,11 @@ class KeypointDetector(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if isinstance(image, torch.Tensor) and not torch.isfinite(image).all():
             raise ValueError("image contains non-finite values")
-        return self.center_of_mass(self.backbone(image))
+        return self.center_of_mass.from_chunks(heatmap_chunks(self.backbone, image))
+
+
+def heatmap_chunks(backbone: nn.Module, image: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``backbone``'s heatmaps of ``image`` as keypoint chunks for :meth:`CenterOfMass.from_chunks`: its
+    ``heatmap_chunks`` method if it has one (:class:`TruncatedUNetKeypointNet`), else one chunk ``backbone(image)``."""
+    chunks = getattr(backbone, "heatmap_chunks", None)
+    return iter((backbone(image),)) if chunks is None else chunks(image)
