@@ -21,7 +21,13 @@ Per bundle (no check is skipped; a missing file is a failure):
   ``download_large_files`` then checks before skipping the download;
 * net_in_out: ``monai.bundle.verify_net_in_out("network_def", ...)`` with ``configs/inference.json`` on CPU
   (a random ``image`` of the declared channels and shape, ``"*n"`` sizes with ``n``; checks ``pred``'s
-  channel count and dtype).
+  channel count and dtype);
+* expressions: configs compose, they do not compute (:func:`computing_expressions`): no ``$`` expression of a
+  ``configs/*.json`` holds a comprehension (list, set, dict, generator) or an inline conditional
+  (``a if condition else b``) whose condition reads a config value (an ``@`` reference): a mode switch belongs in a
+  ``monai_ext`` factory or a small override config. Conditionals on the machine or process only (``'nccl' if
+  torch.cuda.is_available() else 'gloo'``, ``... if dist.get_rank() == 0 else None``) are allowed; so are the
+  entries of :data:`EXPRESSION_EXCEPTIONS`.
 
 Across bundles (:func:`check_shared`): a bundle must run on its own after ``monai.bundle download``, so blocks that
 several bundles hold are copies, not references into a sibling's folder. The copies must not drift:
@@ -38,8 +44,10 @@ Prints a table and exits with status 1 if any check failed (or no bundle was fou
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,7 +56,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEMA = REPO / "scripts" / "metadata_schema.json"
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json")
-CHECKS = ("files", "metadata", "changelog", "large_files", "net_in_out")
+CHECKS = ("files", "metadata", "changelog", "large_files", "net_in_out", "expressions")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 
 #: (what, [(bundle, config file, key), ...]): values that must be equal in every listed place (``#``-separated keys)
@@ -70,6 +78,46 @@ MULTI_GPU_OWN_KEYS = {
     "validate#handlers": "the checkpoint saver's key metric follows the task (Dice: higher is better; TRE: lower)",
     "train#dataloader#batch_size": "a bundle with a global batch splits it over the processes",
 }
+
+
+#: ``(bundle, config file, config id)`` -> why that ``$`` expression may still compute (:func:`computing_expressions`)
+EXPRESSION_EXCEPTIONS: dict[tuple[str, str, str], str] = {}
+_REFERENCE = re.compile(r"@[\w#:]+")  # a MONAI reference (@id, @id#sub_id, @id::sub_id)
+_COMPREHENSIONS = {ast.ListComp: "list", ast.SetComp: "set", ast.DictComp: "dict", ast.GeneratorExp: "generator"}
+_PLACEHOLDER = "__config_reference__"
+
+
+def _expressions(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """``(config id, expression)`` of every ``$`` string in a config's content (``#``-separated ids)."""
+    if isinstance(value, str):
+        return [(key, value)] if value.startswith("$") else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    return [found for k, v in items for found in _expressions(v, f"{key}#{k}" if key else str(k))]
+
+
+def computing_expressions(config: Any) -> list[tuple[str, str]]:
+    """The ``$`` expressions of a config's content that compute instead of composing: ``(config id, what)`` each.
+
+    Flagged: a comprehension of any kind, an inline conditional whose condition holds an ``@`` reference (a
+    config value: a mode switch), and an expression that is not Python. An inline conditional on the machine or
+    process alone (no reference in its condition) is a run-time choice and passes.
+    """
+    problems = []
+    for key, expression in _expressions(config):
+        code = _REFERENCE.sub(_PLACEHOLDER, expression[1:])
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            problems.append((key, f"not a Python expression: {expression}"))
+            continue
+        for node in ast.walk(tree):
+            if type(node) in _COMPREHENSIONS:
+                problems.append((key, f"{_COMPREHENSIONS[type(node)]} comprehension in {expression}"))
+            elif isinstance(node, ast.IfExp) and any(
+                isinstance(name, ast.Name) and name.id == _PLACEHOLDER for name in ast.walk(node.test)
+            ):
+                problems.append((key, f"inline conditional on a config value in {expression}"))
+    return problems
 
 
 def _run(check: Callable[[], None]) -> str:
@@ -151,8 +199,18 @@ def check_bundle(
             bundle_root=str(bundle_dir),
         )
 
+    def expressions() -> None:
+        problems = []
+        for path in sorted((bundle_dir / "configs").glob("*.json")):
+            for key, what in computing_expressions(json.loads(path.read_text())):
+                if (bundle_dir.name, path.name, key) not in EXPRESSION_EXCEPTIONS:
+                    problems.append(f"{path.name} {key}: {what}")
+        if problems:
+            raise ValueError("configs compute instead of composing (use a monai_ext factory or an override "
+                             f"config): {'; '.join(problems)}")
+
     results = {"bundle": bundle_dir.name}
-    for name, check in zip(CHECKS, (files, metadata, changelog, large_files, net_in_out)):
+    for name, check in zip(CHECKS, (files, metadata, changelog, large_files, net_in_out, expressions)):
         results[name] = _run(check)
     return results
 

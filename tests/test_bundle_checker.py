@@ -172,3 +172,41 @@ def test_drifted_copies_are_reported(tmp_path):
     del config["backend"]
     overlay.write_text(json.dumps(config))
     assert any("'backend'" in p and "<missing>" in p for p in check_bundles.check_shared(root))
+
+
+def test_computing_expressions_flags_comprehensions_and_mode_switches():
+    config = {
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",  # the machine's choice: ok
+        "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
+        "path": "$@bundle_root + '/models'",
+        "imports": ["$import os"],
+        "pixdim": "$[@spacing] * 3",  # arithmetic: not this check's business
+        "keys": "$[k for k in ('a', 'b') if k in @data#0]",
+        "run": ["$@trainer.run()", "$monai_ext.f(@a) if @download else None"],
+        "nested": {"sets": "${k for k in @a}", "dicts": "${k: 1 for k in @a}", "total": "$sum(x for x in @a)"},
+        "attach": "$@saver.attach(@trainer) if dist.get_rank() == 0 else None",
+        "broken": "$[@a",
+    }
+    problems = check_bundles.computing_expressions(config)
+    assert [key for key, _ in problems] == ["keys", "run#1", "nested#sets", "nested#dicts", "nested#total", "broken"]
+    what = [w for _, w in problems]
+    assert what[0].startswith("list comprehension") and what[1].startswith("inline conditional on a config value")
+    assert what[2].startswith("set comprehension") and what[4].startswith("generator comprehension")
+    assert what[5].startswith("not a Python expression")
+
+
+def test_expressions_check_fails_a_computing_config(tmp_path):
+    inference = {**INFERENCE, "label_keys": "$[k for k in ('moving_label', 'fixed_label') if k in @pairs[0]]"}
+    bundle = make_bundle(tmp_path, inference=inference)
+    (bundle / "configs" / "train.json").write_text(json.dumps({"mask": "$None if @ignore_mask else 'mask'"}))
+    result = check_bundles.check_bundle(bundle)
+    assert result["expressions"].startswith("FAIL") and result["net_in_out"] == "ok"
+    assert "inference.json label_keys: list comprehension" in result["expressions"]
+    assert "train.json mask: inline conditional" in result["expressions"]
+
+
+def test_expression_exceptions_are_still_needed():
+    """Every allowed exception names an expression that still computes (a fixed one must leave the table)."""
+    for (bundle, config, key), why in check_bundles.EXPRESSION_EXCEPTIONS.items():
+        content = json.loads((REPO_BUNDLES / bundle / "configs" / config).read_text())
+        assert key in [k for k, _ in check_bundles.computing_expressions(content)], (bundle, key, why)

@@ -1,7 +1,8 @@
 """The factories that keep the KeyMorph bundle configs free of mode switches, and the groupwise override config.
 
 * :mod:`monai_ext.data.keymorph`: ``keymorph_pair_transforms`` / ``keymorph_image_transforms`` (which keys are
-  loaded follows from ``labels`` / ``consistency``) and ``consistency_subject_pairs``;
+  loaded follows from ``labels`` / ``consistency``), ``consistency_subject_pairs`` and the pretraining's
+  ``keymorph_images`` / ``pretrain_epoch_length`` (``pretrain.json`` parsed to what its former expressions gave);
 * :mod:`monai_ext.engines.keymorph`: ``keymorph_train_loss`` and ``keymorph_train_iteration`` (supervised or not,
   with or without the consistency step);
 * :class:`monai_ext.io.keymorph_outputs.KeyMorphWriter` ``qa_png``;
@@ -28,8 +29,11 @@ from monai_ext.data.keymorph import (
     CONSISTENCY_IMAGE_KEYS,
     consistency_subject_pairs,
     keymorph_image_transforms,
+    keymorph_images,
     keymorph_pair_transforms,
     keymorph_subjects,
+    keymorph_transforms,
+    pretrain_epoch_length,
     same_subject_pairs,
 )
 from monai_ext.engines.keymorph import KeyMorphTrainIteration, keymorph_train_iteration, keymorph_train_loss
@@ -158,6 +162,55 @@ def test_consistency_subject_pairs_on_are_the_same_subject_pairs(tmp_path):
         consistency_subject_pairs(1.0, "ixi", tmp_path / "missing", "all", ["T1"])
 
 
+# ------------------------------------------------------------------------------------------------ pretraining
+
+
+@pytest.fixture(scope="module")
+def ixi_root(tmp_path_factory) -> Path:
+    """IXI layout: T1 and T2 of 3 subjects (12^3 images)."""
+    root = tmp_path_factory.mktemp("ixi")
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        for mod in ("T1", "T2"):
+            _write(root / mod / f"IXI{i:03d}-{mod}.nii.gz", _image(rng))
+    return root
+
+
+def test_keymorph_images_flatten_the_subjects_modality_by_modality(ixi_root):
+    subjects = keymorph_subjects("ixi", ixi_root, "all", ["T2", "T1"])
+    images = keymorph_images("ixi", ixi_root, "all", ["T2", "T1"])
+    assert images == [s for per_modality in subjects.values() for s in per_modality]  # the former expression
+    assert [i["modality"] for i in images] == ["T2"] * 3 + ["T1"] * 3
+    assert [i["subject"] for i in images[:3]] == ["IXI000", "IXI001", "IXI002"]
+    assert set(images[0]) == {"image", "name", "modality", "subject"}
+
+
+def test_pretrain_epoch_length_is_capped_by_the_dataset():
+    assert pretrain_epoch_length(list(range(6)), 32) == 6
+    assert pretrain_epoch_length(list(range(6)), 4) == 4
+    assert isinstance(pretrain_epoch_length(range(6), 4.0), int)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_pretrain_config_parses_to_what_its_expressions_gave(bundle, ixi_root):
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / "train.json"), str(bundle / "configs" / "pretrain.json")])
+    parser.update({"data_path": str(ixi_root), "modalities": ["T1", "T2"], "pixdim": [1.0, 1.0, 1.0],
+                   "spatial_size": list(SHAPE), "pairs_per_epoch": 4})  # fmt: skip
+    subjects = keymorph_subjects("ixi", ixi_root, "train", ["T1", "T2"])
+    images = parser.get_parsed_content("pretrain#images")
+    assert images == [s for per_modality in subjects.values() for s in per_modality]
+    assert parser.get_parsed_content("pretrain#trainer#epoch_length") == min(4, len(images)) == 4
+    assert isinstance(parser.get_parsed_content("pretrain#trainer#loss_function"), torch.nn.MSELoss)
+    swap = parser["swap_hw"]
+    item = parser.get_parsed_content("pretrain#dataset")[0]
+    expected = keymorph_transforms(["image"], [], [1.0, 1.0, 1.0], SHAPE, swap)(dict(images[0]))
+    assert set(item) == set(expected) and torch.equal(item["image"], expected["image"])
+    assert np.allclose(item["image"].affine, expected["image"].affine)
+    parser["pairs_per_epoch"] = 32
+    assert parser.get_parsed_content("pretrain#trainer#epoch_length", lazy=False) == len(images) == 6
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -237,6 +290,7 @@ def test_groupwise_override_replaces_pairs_and_run(bundle):
     assert merged.get_parsed_content("pairs") == []
     (step,) = merged["run"]
     assert step["_target_"] == "monai_ext.io.keymorph_outputs.write_groupwise" and merged["groupwise_iterations"] == 5
+    pairwise.resolve_macro_and_relative_ids()  # parsing normalised merged's references (@a#0 -> @a::0)
     assert merged["evaluator"] == pairwise["evaluator"]  # only the mode's ids change
 
 

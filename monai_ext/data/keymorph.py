@@ -26,7 +26,9 @@ Pair dicts are ``{"moving_<key>": ..., "fixed_<key>": ...}`` (:func:`monai_ext.d
 training / evaluation iterations read. Training draws ``pairs_per_epoch`` of them per epoch (the reference's 32 steps
 per epoch over a shuffled loader) with :class:`monai_ext.data.pairs.RegistrationPairDataset` (``pairing="listed"``:
 random permutations of the pair list, reproducible per ``(seed, epoch)``), with its ``extras`` the same-subject
-two-modality items (:func:`consistency_subject_pairs`) for the keypoint-consistency step.
+two-modality items (:func:`consistency_subject_pairs`) for the keypoint-consistency step. Self-supervised
+pretraining reads single images instead (:func:`keymorph_images`: every subject image of the split), at most
+``pairs_per_epoch`` per epoch (:func:`pretrain_epoch_length`).
 
 Preprocessing (:func:`keymorph_transforms`, to model space): :func:`keymorph_pair_transforms` and
 :func:`keymorph_image_transforms` pick the keys from what the items carry (label maps, consistency images), so the
@@ -40,7 +42,7 @@ import csv
 import itertools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,8 @@ __all__ = [
     "modality_pairs",
     "same_subject_pairs",
     "keymorph_subjects",
+    "keymorph_images",
+    "pretrain_epoch_length",
     "keymorph_pairs",
     "keymorph_transforms",
     "PAIR_IMAGE_KEYS",
@@ -308,6 +312,32 @@ def keymorph_subjects(
     if dataset == "csv":
         return csv_subjects(data_path, split)
     raise ValueError(f"subject lists need dataset 'ixi' or 'csv', got {dataset!r}")
+
+
+def keymorph_images(
+    dataset: str,
+    data_path: str | os.PathLike,
+    split: str = "train",
+    modalities: Sequence[str] = IXI_MODALITIES,
+    labels: bool = False,
+) -> list[dict[str, str]]:
+    """Every subject of :func:`keymorph_subjects` as one flat list (the pretraining images), modality by modality
+    in the order of :func:`keymorph_subjects` and, within a modality, in its file order.
+
+    Items are the subject dicts ``{"image", "name", "modality", "subject"[, "mask", "label"]}``.
+    """
+    subjects = keymorph_subjects(dataset, data_path, split, modalities, labels)
+    return [subject for per_modality in subjects.values() for subject in per_modality]
+
+
+def pretrain_epoch_length(dataset: Sized, pairs_per_epoch: int) -> int:
+    """Iterations of a pretraining epoch: ``min(pairs_per_epoch, len(dataset))``.
+
+    The trainer's ``epoch_length``: an epoch draws at most ``pairs_per_epoch`` items of the (shuffled) data loader
+    over ``dataset``, never more than the dataset holds; with fewer, ignite continues the loader's iterator in the
+    next epoch.
+    """
+    return min(int(pairs_per_epoch), len(dataset))
 
 
 def keymorph_pairs(

@@ -40,6 +40,7 @@ __all__ = [
     "LUMIR_SCALE",
     "download_lumir",
     "lumir_cases",
+    "lumir_label_keys",
     "lumir_pairs",
     "lumir_transforms",
 ]
@@ -61,15 +62,19 @@ def download_lumir(
     labels_url: str | None = LUMIR_LABELS_URL,
     keep_archive: bool = True,
     progress: bool = True,
+    download: bool = True,
 ) -> Path:
     """Fetch ``LUMIR_dataset.json``, ``LUMIR.zip`` (extracted into ``dataset_dir``) and the sanity-check labels
     (extracted into ``dataset_dir/labelsTr``; skipped with ``labels_url=None``). Each part is skipped when
-    already present, so a folder prepared by hand is used as it is.
+    already present, so a folder prepared by hand is used as it is. ``download=False`` fetches nothing (a bundle's
+    ``download`` setting: the data are expected in ``dataset_dir`` already).
 
     Returns:
         ``dataset_dir`` as a ``Path``.
     """
     dataset_dir = Path(dataset_dir)
+    if not download:
+        return dataset_dir
     download_file(json_url, dataset_dir / LUMIR_JSON, sha256=LUMIR_SHA256["json"], progress=progress)
     try:
         json.loads((dataset_dir / LUMIR_JSON).read_text())
@@ -115,6 +120,13 @@ def lumir_cases(dataset_dir: str | os.PathLike, division: str) -> list[dict[str,
         raise ValueError(f"division must be 'train' or 'sanity_check' (validate comes as pairs), got {division!r}")
     check_files([c["image"] for c in cases], f"listed in {LUMIR_JSON} or labelsTr (incomplete extraction?)")
     return cases
+
+
+def lumir_label_keys(division: str) -> list[str]:
+    """Label-map keys of the pairs of ``division``: none for ``"validate"`` (its labels are not public), the pair's
+    ``["moving_label", "fixed_label"]`` otherwise (``"sanity_check"``); the ``label_keys`` of
+    :func:`lumir_transforms` in a bundle's validation."""
+    return [] if division == "validate" else ["moving_label", "fixed_label"]
 
 
 def lumir_pairs(dataset_dir: str | os.PathLike, division: str, both_directions: bool = False) -> list[dict[str, str]]:

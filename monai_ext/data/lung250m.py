@@ -74,8 +74,12 @@ def download_lung250m(
     sha256: str | None = LUNG250M_SHA256,
     keep_archive: bool = True,
     progress: bool = True,
+    download: bool = True,
 ) -> Path:
-    """Download and extract the archive into ``dataset_dir`` unless ``lms_validation.pth`` is already there."""
+    """Download and extract the archive into ``dataset_dir`` unless ``lms_validation.pth`` is already there;
+    ``download=False`` fetches nothing (a bundle's ``download`` setting: the data are expected there already)."""
+    if not download:
+        return Path(dataset_dir)
     return prepare_archive(dataset_dir, url, LUNG250M_ARCHIVE, LUNG250M_LANDMARKS, sha256, keep_archive, progress)
 
 

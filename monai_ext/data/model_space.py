@@ -32,7 +32,7 @@ from monai.transforms import (
 
 from monai_ext.data.synthbrain import grid_affine, normalize_intensity
 
-__all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "model_space_transforms"]
+__all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "loading_transforms", "model_space_transforms"]
 
 _INTENSITY = ("percentile", "foreground_percentile", "zscore", None)
 _CENTRES = ("field_of_view", "foreground")
@@ -134,10 +134,18 @@ class ForegroundCentredGridd(MapTransform):
         return d
 
 
+def loading_transforms(image_keys: Sequence[str], label_keys: Sequence[str] = ()) -> Compose:
+    """The loading steps of :func:`model_space_transforms`: ``LoadImaged`` (image only) + ``EnsureChannelFirstd``
+    on ``image_keys`` then ``label_keys``; file paths in, channel-first ``MetaTensor`` s ``(1, *spatial)`` with their
+    file metadata out (the input of ``model_space_transforms(..., load=False)``)."""
+    keys = list(image_keys) + list(label_keys)
+    return Compose([LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)])
+
+
 def model_space_transforms(
     image_keys: Sequence[str],
     label_keys: Sequence[str] = (),
-    pixdim: Sequence[float] | None = None,
+    pixdim: Sequence[float] | float | None = None,
     spatial_size: Sequence[int] | None = None,
     intensity: str | None = "percentile",
     percentiles: tuple[float, float] = (0.5, 99.5),
@@ -158,7 +166,8 @@ def model_space_transforms(
     Args:
         image_keys: keys of intensity images (e.g. ``["fixed_image", "moving_image"]``).
         label_keys: keys of label maps.
-        pixdim: model voxel size in mm; ``None`` keeps the native voxel size.
+        pixdim: model voxel size in mm, per axis or one number for every axis (isotropic); ``None`` keeps the
+            native voxel size.
         spatial_size: model grid shape; ``None`` keeps the resampled shape.
         intensity: ``"percentile"`` (``ScaleIntensityRangePercentilesd``: the ``percentiles`` map to [0, 1], clipped),
             ``"foreground_percentile"`` (:func:`monai_ext.data.synthbrain.normalize_intensity`: the upper
@@ -175,6 +184,8 @@ def model_space_transforms(
             scaled alike), for an intensity refinement of the network's result at that precision
             (:func:`monai_ext.engines.affine_refinement.refine_keymorph_result`).
     """
+    if isinstance(pixdim, (int, float)):
+        pixdim = (float(pixdim),)  # isotropic: Spacingd repeats the last value over the remaining axes
     if intensity not in _INTENSITY:
         raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}")
     if centre not in _CENTRES:
@@ -189,7 +200,7 @@ def model_space_transforms(
     keys = images + labels
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
-    transforms = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)] if load else []
+    transforms = list(loading_transforms(images, labels).transforms) if load else []
     # the keys of intensity scaling: the images and their finer copies
     scaled = images + ([f"{key}{REFINE_SUFFIX}" for key in images] if refine_pixdim is not None else [])
     if centre == "foreground":

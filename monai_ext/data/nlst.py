@@ -64,14 +64,18 @@ def download_nlst(
     sha256: str | None = NLST_SHA256,
     keep_archive: bool = True,
     progress: bool = True,
+    download: bool = True,
 ) -> Path:
     """Download and extract ``NLST2023.zip`` into ``dataset_dir`` unless ``NLST/NLST_dataset.json`` is there.
 
-    ``url`` may be a mirror or a ``file://`` URL; the transfer resumes after an interruption.
+    ``url`` may be a mirror or a ``file://`` URL; the transfer resumes after an interruption. ``download=False``
+    fetches nothing (a bundle's ``download`` setting: the data are expected in ``dataset_dir`` already).
 
     Returns:
         ``dataset_dir`` as a ``Path`` (the data live in ``dataset_dir/NLST``).
     """
+    if not download:
+        return Path(dataset_dir)
     return prepare_archive(dataset_dir, url, NLST_ARCHIVE, NLST_JSON, sha256, keep_archive, progress)
 
 

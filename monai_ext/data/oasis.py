@@ -58,17 +58,21 @@ def download_oasis(
     sha256: str | None = OASIS_SHA256,
     keep_archive: bool = True,
     progress: bool = True,
+    download: bool = True,
 ) -> Path:
     """Download and extract the archive into ``dataset_dir`` unless ``subjects.txt`` is already there.
 
     Pointing ``dataset_dir`` at an existing extraction (any folder with ``subjects.txt`` and the
     subject folders) skips the download. ``url`` may be a mirror or a ``file://`` URL; ``sha256`` is
     the expected digest of the archive (see the module docstring; ``None`` skips the check).
-    The transfer resumes after an interruption (:func:`monai_ext.data.download.download_file`).
+    The transfer resumes after an interruption (:func:`monai_ext.data.download.download_file`). ``download=False``
+    fetches nothing (a bundle's ``download`` setting: the data are expected in ``dataset_dir`` already).
 
     Returns:
         ``dataset_dir`` as a ``Path``.
     """
+    if not download:
+        return Path(dataset_dir)
     return prepare_archive(dataset_dir, url, OASIS_ARCHIVE, "subjects.txt", sha256, keep_archive, progress)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "RegistrationTrainIteration",
     "LabelRegistrationTrainIteration",
     "RegistrationEvalIteration",
+    "lower_is_better",
     "pooled_onehot",
 ]
 
@@ -172,6 +173,8 @@ class RegistrationTrainIteration:
     Args:
         moving_key, fixed_key: batch keys of the images.
         moving_mask_key, fixed_mask_key: optional batch keys of masks passed to the loss.
+        ignore_masks: pass no masks to the loss, whatever the mask keys (a bundle's ``ignore_mask`` setting:
+            the loss over the whole image).
     """
 
     def __init__(
@@ -180,7 +183,10 @@ class RegistrationTrainIteration:
         fixed_key: str = "fixed_image",
         moving_mask_key: str | None = None,
         fixed_mask_key: str | None = None,
+        ignore_masks: bool = False,
     ) -> None:
+        if ignore_masks:
+            moving_mask_key = fixed_mask_key = None
         self.keys = (moving_key, fixed_key, moving_mask_key, fixed_mask_key)
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,6 +203,13 @@ class RegistrationTrainIteration:
         backward_and_step(engine, as_loss_terms(terms))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def lower_is_better(current: float, best: float) -> bool:
+    """``metric_cmp_fn`` of a ``SupervisedEvaluator`` whose key metric is an error (e.g. landmark TRE in mm):
+    ``current`` is the new best when it is lower than ``best`` or when there is no best yet (MONAI starts
+    ``best`` at ``-1``; an error is never negative)."""
+    return best < 0 or current < best
 
 
 def pooled_onehot(label: torch.Tensor, num_classes: int, shape: Sequence[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["latest_checkpoint", "ResumeFromLatestCheckpoint"]
+__all__ = ["latest_checkpoint", "ResumeFromLatestCheckpoint", "pretrained_load_dict", "start_at_epoch"]
 
 _EPOCH = re.compile(r"epoch=(\d+)")
 
@@ -71,3 +71,23 @@ class ResumeFromLatestCheckpoint:
         Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint)
         engine.state.max_epochs = max_epochs  # the configured length wins over the saved one
         self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+def pretrained_load_dict(
+    network: torch.nn.Module, optimizer: torch.optim.Optimizer, load_optimizer_state: bool = False
+) -> dict[str, Any]:
+    """``load_dict`` of a :class:`ResumeFromLatestCheckpoint` that starts a fine-tune from another run's checkpoint:
+    ``{"network": network}``, plus ``"optimizer": optimizer`` with ``load_optimizer_state`` (Adam's moments and
+    learning rate of that run instead of a fresh optimizer)."""
+    load_dict: dict[str, Any] = {"network": network}
+    if load_optimizer_state:
+        load_dict["optimizer"] = optimizer
+    return load_dict
+
+
+def start_at_epoch(engine: Engine, epoch: int) -> None:
+    """Let ``engine`` (set up, not yet run) start after ``epoch`` completed epochs: ``state.epoch = epoch`` and
+    ``state.iteration = epoch * state.epoch_length`` (e.g. a fine-tune that continues the epoch count and the
+    epoch-based schedules of the run it starts from)."""
+    engine.state.epoch = epoch
+    engine.state.iteration = epoch * engine.state.epoch_length

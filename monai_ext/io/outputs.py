@@ -81,6 +81,7 @@ __all__ = [
     "OUTPUTS",
     "RegistrationWriter",
     "check_pair_files",
+    "pair_label_keys",
     "pair_folder_name",
     "pair_folder_names",
     "summary_line",
@@ -140,6 +141,20 @@ def check_pair_files(
         check_output_dir(output_dir)
         check_existing_outputs(output_dir, pair_folder_names(pairs), overwrite)
     return check_pairs(pairs, spatial_dims)
+
+
+def pair_label_keys(
+    pairs: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("moving_label", "fixed_label")
+) -> list[str]:
+    """The label-map keys to load for ``pairs``: those of ``keys`` that the first pair holds, in ``keys`` order.
+
+    A bundle's preprocessing ``label_keys`` (``{"_target_": ..., "pairs": "@dataset#data"}``): after
+    :func:`check_pair_files` every pair holds all of ``("moving_label", "fixed_label")`` or none, so this is both
+    or ``[]``. Raises ``ValueError`` for no pairs.
+    """
+    if not pairs:
+        raise ValueError("pair_label_keys needs at least one pair")
+    return [key for key in keys if key in pairs[0]]
 
 
 def pair_folder_names(pairs: Sequence[Mapping[str, Any]]) -> list[str]:
