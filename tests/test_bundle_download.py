@@ -53,7 +53,8 @@ def test_package_download_and_infer(tmp_path):
         source = _source_bundle(tmp_path / "src", server.url + "/weights/model.pt", hashlib.sha256(weights).hexdigest())
         (source / "models" / "model.pt").write_bytes(weights)  # a local copy must not be packed
         archive = package_bundle.package_bundle(source, tmp_path / "dist")
-        assert archive.name == f"{NAME}_v0.1.0.zip"
+        version = json.loads((source / "configs" / "metadata.json").read_text())["version"]
+        assert archive.name == f"{NAME}_v{version}.zip"
         server.files["/" + archive.name] = archive.read_bytes()
         bundle_dir = tmp_path / "hub"
         download(name=NAME, url=f"{server.url}/{archive.name}", bundle_dir=str(bundle_dir), progress=False)
