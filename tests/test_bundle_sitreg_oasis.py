@@ -193,6 +193,53 @@ def test_inference_writes_every_output_on_the_native_grid(dataset_dir, tmp_path)
     assert len(workflow.parser.get_parsed_content("iteration").losses) == 2
 
 
+def _restored(path: str, out: Path) -> str:
+    """The image of ``path`` stored another way: first axis flipped, last two swapped, affine adjusted (the same
+    anatomy at the same world positions)."""
+    image = nib.load(path)
+    array = np.asarray(image.dataobj)
+    shape = array.shape
+    # voxel j of the new array is voxel (n0 - 1 - j0, j2, j1) of the old one
+    to_old = np.array([[-1, 0, 0, shape[0] - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    nib.save(nib.Nifti1Image(array[::-1].transpose(0, 2, 1).copy(), image.affine @ to_old), str(out))
+    return str(out)
+
+
+def test_moving_storage_orientation_does_not_change_the_world_space_result(dataset_dir, tmp_path):
+    """A voxel-space task bundle stores the moving image in the fixed image's orientation first, so the same
+    moving anatomy saved in another orientation (axes flipped and swapped) gives the same registration in world
+    space: the same warped image and label map on the fixed grid and the same Dice."""
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    torch.manual_seed(2)
+    network = SITReg(3, features=[4, 8], feature_convolutions=[1, 1], deformation_features=[4, 8],
+                     deformation_convolutions=[1, 1])  # fmt: skip
+    torch.save({"model": network.state_dict()}, root / "models" / "model.pt")
+    files = _nifti_pair(tmp_path)
+    restored = dict(
+        files,
+        moving_image=_restored(files["moving_image"], tmp_path / "moving_image_restored.nii.gz"),
+        moving_label=_restored(files["moving_label"], tmp_path / "moving_label_restored.nii.gz"),
+    )
+    assert nib.aff2axcodes(nib.load(restored["moving_image"]).affine) != nib.aff2axcodes(
+        nib.load(files["moving_image"]).affine
+    )
+    results = []
+    for name, pair in (("original", files), ("restored", restored)):
+        output = tmp_path / name
+        _workflow(["inference.json"], "infer", root, dataset_dir=str(dataset_dir), pairs=[pair], crop=None,
+                  output_dir=str(output)).run()  # fmt: skip
+        (folder,) = output.iterdir()
+        results.append({
+            kind: np.asarray(nib.load(str(folder / f"{kind}.nii.gz")).dataobj) for kind in ("warped_image", "warped_label")
+        } | {"dice": json.loads((folder / "metrics.json").read_text())["dice"]})  # fmt: skip
+    original, other = results
+    scale = np.abs(original["warped_image"]).max()
+    np.testing.assert_allclose(other["warped_image"], original["warped_image"], rtol=0, atol=1e-4 * scale)
+    assert (other["warped_label"] != original["warped_label"]).mean() < 1e-3
+    assert other["dice"] == pytest.approx(original["dice"], abs=1e-3)
+
+
 def test_bad_inputs_fail_clearly_without_outputs(dataset_dir, tmp_path):
     files = _nifti_pair(tmp_path)
     root = tmp_path / "bundle"

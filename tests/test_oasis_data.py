@@ -100,3 +100,26 @@ def test_crop_slices():
     assert full[tuple(crop_slices(OASIS_CROP))].shape == (160, 144, 192)
     with pytest.raises(ValueError, match="crop"):
         crop_slices([(1, -1)])
+
+
+def test_orient_like_reorients_exactly_and_refuses_voxel_landmarks():
+    """OrientLiked stores an image in the reference's orientation (an exact flip here, affine updated, world
+    positions kept) and refuses an item whose reoriented image has voxel landmarks."""
+    from monai.data import MetaTensor
+
+    from monai_ext.data.base import OrientLiked
+    from monai_ext.errors import InputError
+
+    array = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
+    flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    flip[0, 3] = 1.0  # voxel 0 of the first axis at x = 1, voxel 1 at x = 0
+    item = {"fixed_image": MetaTensor(array, affine=torch.eye(4, dtype=torch.float64)),
+            "moving_image": MetaTensor(array, affine=flip)}  # fmt: skip
+    out = OrientLiked(["moving_image"], "fixed_image")(item)
+    assert torch.equal(out["moving_image"].as_tensor(), array.flip(1))
+    torch.testing.assert_close(out["moving_image"].affine, torch.eye(4, dtype=torch.float64))
+    assert out["fixed_image"] is item["fixed_image"]
+    same = OrientLiked(["moving_image"], "fixed_image")({**item, "moving_image": item["fixed_image"]})
+    assert same["moving_image"] is item["fixed_image"]  # nothing to do: untouched
+    with pytest.raises(InputError, match="landmarks"):
+        OrientLiked(["moving_image"], "fixed_image", ["moving_points"])({**item, "moving_points": "points.csv"})

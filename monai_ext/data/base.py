@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from nibabel.orientations import aff2axcodes
 from monai.transforms import (
     AsDiscreted,
     BorderPad,
@@ -34,12 +35,14 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    Orientation,
     ScaleIntensityRanged,
     SpatialCrop,
     SpatialCropd,
 )
 
 from monai_ext.data.download import DownloadError, download_file, extract_archive
+from monai_ext.errors import InputError
 from monai_ext.spatial.coordinates import downsampled_voxel_to_voxel
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "AvgPoold",
     "ShiftAndMaskd",
     "LoadPointsd",
+    "OrientLiked",
     "volume_transforms",
 ]
 
@@ -260,6 +264,45 @@ class LoadPointsd(MapTransform):
         return d
 
 
+class OrientLiked(MapTransform):
+    """Store ``keys`` in the orientation of ``reference_key``'s image: an exact axis permutation / flip (MONAI
+    ``Orientation``, affine updated), nothing when the two already share their orientation codes.
+
+    SITReg's task pipelines register voxel arrays as the task's data store them; a moving image stored in another
+    orientation than the fixed one (an LPS copy of a RAS file) would otherwise be registered mirrored or
+    transposed in world space. Hand-written because MONAI's ``Orientationd`` takes fixed axis codes, not those
+    of another item. ``point_keys`` (voxel coordinates, :class:`LoadPointsd`) of a reoriented image cannot
+    follow: such an item raises :class:`monai_ext.errors.InputError` (a ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str,
+        point_keys: Sequence[str] = (),
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.point_keys = tuple(point_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.reference_key not in d:
+            return d
+        axcodes = "".join(aff2axcodes(np.asarray(d[self.reference_key].affine)))
+        for key in self.key_iterator(d):
+            if "".join(aff2axcodes(np.asarray(d[key].affine))) == axcodes:
+                continue
+            if any(d.get(point) is not None for point in self.point_keys):
+                raise InputError(
+                    f"{key} is stored in another orientation than {self.reference_key} ({axcodes}) and has voxel "
+                    f"landmarks {list(self.point_keys)}: store both images in one orientation"
+                )
+            d[key] = Orientation(axcodes=axcodes, labels=None)(d[key])
+        return d
+
+
 def volume_transforms(
     image_keys: Sequence[str],
     mask_keys: Sequence[str] = (),
@@ -286,11 +329,19 @@ def volume_transforms(
         clip: ``(low, high)`` intensity clip, or ``None``.
         shift_scale: ``(shift, scale)``: ``x -> (x - shift) / scale``, or ``None``.
         lung_shift: if set, ``image = (image + lung_shift) * mask`` right after loading (:class:`ShiftAndMaskd`).
+
+    Pair items (``moving_*`` and ``fixed_image`` among the keys): the moving image, its mask and label map are
+    first stored in the fixed image's orientation (:class:`OrientLiked`), so that voxel-space registration is
+    right in world space whatever orientation each file was saved in; outputs go back to the native grids.
     """
     image_keys, mask_keys, label_keys = list(image_keys), list(mask_keys), list(label_keys)
     point_keys = dict(point_keys or {})
     grid_keys = image_keys + mask_keys + label_keys
     transforms: list = [LoadImaged(keys=grid_keys, ensure_channel_first=True, image_only=True)]
+    moving = [key for key in grid_keys if key.startswith("moving_")]
+    if moving and "fixed_image" in grid_keys:
+        moving_points = [point for point, image in point_keys.items() if image in moving]
+        transforms.append(OrientLiked(moving, "fixed_image", moving_points))
     if point_keys:
         transforms.append(LoadPointsd(keys=list(point_keys), allow_missing_keys=True))
     if lung_shift is not None:
