@@ -9,12 +9,14 @@ import torch
 
 from monai_ext.data.synthbrain import (
     BRAIN_LABELS,
+    HEMISPHERE_PAIRS,
     OTHER_BRAIN_LABELS,
     SynthBrainPairDataset,
     grid_affine,
     held_out_pairs,
     label_map_files,
     load_brain_label_map,
+    mirror_label_map,
     normalize_intensity,
     random_spatial_transform,
     rotation_about_axis,
@@ -178,3 +180,35 @@ def test_held_out_pairs_rotate_the_moving_anatomy_only():
 def test_grid_affine_centre():
     affine = grid_affine((4, 6, 8), 2.0, (10.0, -5.0, 3.0))
     np.testing.assert_allclose(affine @ np.array([1.5, 2.5, 3.5, 1.0]), [10.0, -5.0, 3.0, 1.0])
+
+
+def test_mirrored_brain_swaps_the_hemispheres_in_place():
+    """The mirror image of a map: each left structure lies where the right one was, reflected through the array's
+    L->R axis (and vice versa), midline structures are reflected only, the centroid mirrors about the grid
+    centre along x, and mirroring twice gives the map back."""
+    label_map = load_brain_label_map(MAPS[0])
+    mirrored = mirror_label_map(label_map)
+    assert torch.equal(mirror_label_map(mirrored).index, label_map.index)
+    np.testing.assert_array_equal(mirrored.affine, label_map.affine)
+    synth = BRAIN_LABELS + OTHER_BRAIN_LABELS
+    position = {label: k for k, label in enumerate(synth, start=1)}
+    reflected = label_map.index.flip(0)
+    for left, right in HEMISPHERE_PAIRS:
+        assert torch.equal(mirrored.index == position[right], reflected == position[left])
+        assert torch.equal(mirrored.index == position[left], reflected == position[right])
+    brainstem = position[16]
+    assert torch.equal(mirrored.index == brainstem, reflected == brainstem)
+    centre_x = (label_map.affine @ np.array([(label_map.index.shape[0] - 1) / 2, 0, 0, 1.0]))[0]
+    assert mirrored.centroid[0] == pytest.approx(2 * centre_x - label_map.centroid[0], abs=1e-6)
+    np.testing.assert_allclose(mirrored.centroid[1:], label_map.centroid[1:], atol=1e-6)
+    # every left structure has a right partner among the kept labels
+    assert {label for pair in HEMISPHERE_PAIRS for label in pair} <= set(synth)
+
+
+def test_pair_dataset_with_mirror_draws_from_twice_the_maps():
+    plain = SynthBrainPairDataset(MAPS, shape=SHAPE, spacing=4.0, pairs_per_epoch=2, seed=3)
+    mirrored = SynthBrainPairDataset(MAPS, shape=SHAPE, spacing=4.0, pairs_per_epoch=2, seed=3, mirror=True)
+    assert len(mirrored.maps) == 2 * len(plain.maps)
+    assert [m.name for m in mirrored.maps[len(MAPS):]] == [f"{m.name} (mirrored)" for m in plain.maps]
+    item = mirrored[0]
+    assert item["moving_image"].shape == (1, *SHAPE) and len(item["fixed_label"].unique()) > 20

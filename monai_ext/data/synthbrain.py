@@ -8,7 +8,8 @@ real inter-subject deformations.
 
 Per image of a pair (:class:`SynthBrainPairDataset`):
 
-1. a label map (usually another subject for each side) is skull-stripped to the intracranial labels
+1. a label map (usually another subject for each side; with ``mirror`` also the left-right mirror image of
+   each map, :func:`mirror_label_map`) is skull-stripped to the intracranial labels
    (:data:`BRAIN_LABELS` + :data:`OTHER_BRAIN_LABELS`; everything else becomes background);
 2. a random affine (rotation, scaling, shear, translation; in mm about the brain's centroid) and a
    random smooth displacement (mm) map the model grid into the label map, which is sampled there
@@ -46,6 +47,8 @@ __all__ = [
     "T1_LIKE_INTENSITIES",
     "BrainLabelMap",
     "load_brain_label_map",
+    "mirror_label_map",
+    "HEMISPHERE_PAIRS",
     "grid_affine",
     "random_spatial_transform",
     "rotation_about_axis",
@@ -83,6 +86,12 @@ T1_LIKE_INTENSITIES: dict[int, float] = {
 }  # fmt: skip
 
 _SYNTH_LABELS = BRAIN_LABELS + OTHER_BRAIN_LABELS  # synthesis index k = _SYNTH_LABELS[k - 1]
+
+#: FreeSurfer (left, right) label pairs of the kept labels: a mirrored brain swaps them
+HEMISPHERE_PAIRS: tuple[tuple[int, int], ...] = (
+    (2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11, 50), (12, 51), (13, 52),
+    (17, 53), (18, 54), (26, 58), (28, 60), (30, 62), (31, 63),
+)  # fmt: skip
 
 
 def synthesis_index(labels: np.ndarray) -> np.ndarray:
@@ -133,6 +142,22 @@ def load_brain_label_map(path: str | os.PathLike, margin: int = 4) -> BrainLabel
     affine = image.affine @ np.array([[1, 0, 0, low[0]], [0, 1, 0, low[1]], [0, 0, 1, low[2]], [0, 0, 0, 1]], float)
     centroid = (affine @ np.append((inside - low).mean(0), 1.0))[:3]
     return BrainLabelMap(torch.from_numpy(np.ascontiguousarray(index)), affine, centroid, os.path.basename(str(path)))
+
+
+def mirror_label_map(label_map: BrainLabelMap) -> BrainLabelMap:
+    """The left-right mirror image of a brain: the RAS array flipped along its first (L->R) axis, every left
+    structure relabelled as its right counterpart and vice versa (:data:`HEMISPHERE_PAIRS`), same voxel grid.
+
+    A plausible new anatomy (brains are roughly, not exactly, symmetric), for training on twice the subjects.
+    """
+    lookup = torch.arange(len(_SYNTH_LABELS) + 1, dtype=label_map.index.dtype)
+    position = {label: k for k, label in enumerate(_SYNTH_LABELS, start=1)}
+    for left, right in HEMISPHERE_PAIRS:
+        lookup[position[left]], lookup[position[right]] = position[right], position[left]
+    index = lookup[label_map.index.flip(0).long()]
+    inside = (index > 0).nonzero().double().mean(0).numpy()
+    centroid = (label_map.affine @ np.append(inside, 1.0))[:3]
+    return BrainLabelMap(index, label_map.affine.copy(), centroid, f"{label_map.name} (mirrored)")
 
 
 def label_map_files(dataset_dir: str | os.PathLike, division: str) -> list[str]:
@@ -296,6 +321,8 @@ class SynthBrainPairDataset(torch.utils.data.Dataset):
             a control grid of ``control_spacing`` mm, scaled so its largest component is uniform in
             ``[0, max_displacement]``).
         control_spacing: control-point spacing (mm) of that displacement.
+        mirror: also draw the left-right mirror image of every map (:func:`mirror_label_map`) as a subject of
+            its own: twice the anatomies.
     """
 
     def __init__(
@@ -313,10 +340,13 @@ class SynthBrainPairDataset(torch.utils.data.Dataset):
         translation: float = 5.0,
         max_displacement: float = 6.0,
         control_spacing: float = 24.0,
+        mirror: bool = False,
     ) -> None:
         if len(label_maps) < 1:
             raise ValueError("label_maps must name at least one label map")
         self.maps = [load_brain_label_map(path) for path in label_maps]
+        if mirror:
+            self.maps += [mirror_label_map(label_map) for label_map in self.maps]
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise ValueError(f"shape must be 3 sizes of at least 8 voxels, got {shape}")
