@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from nibabel.orientations import aff2axcodes
 from monai.transforms import (
     AsDiscreted,
     BorderPad,
@@ -40,6 +39,7 @@ from monai.transforms import (
     SpatialCrop,
     SpatialCropd,
 )
+from nibabel.orientations import aff2axcodes
 
 from monai_ext.data.download import DownloadError, download_file, extract_archive
 from monai_ext.errors import InputError
