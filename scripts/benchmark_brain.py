@@ -13,10 +13,15 @@ Methods, all on the same 2 mm images (ANTs gets both images in one physical spac
 from the same centroid alignment):
 
 * ``ours``: ``bundles/sitreg_brain`` network and weights (``models/model.pt``), one forward + inverse pass;
+* ``ours_fields``: what the bundle runs by default: the same pass, then
+  :func:`monai_ext.engines.field_refinement.refine_fields` (the bundle's ``field_refinement_steps`` /
+  ``field_refinement_lr``); ``--field_steps`` adds a table of Dice and seconds against the number of steps (each
+  count run from the network's fields; its largest count is the row when it differs from the bundle's);
 * ``ants_default``: ``ants.registration(type_of_transform="SyN")`` with antspyx defaults (affine + SyN, MI);
 * ``ants_strong``: ``type_of_transform="SyN"``, ``syn_metric="CC"``, ``syn_sampling=4`` (CC radius 4),
   ``reg_iterations=(100, 70, 50, 20)``;
-* ``ours_refined``: test-time refinement, the bundle's instance optimisation started from the shipped weights
+* ``ours_refined``: test-time refinement of the weights, the bundle's instance optimisation started from the
+  shipped weights
   (:class:`monai_ext.engines.instance_optimization.InstanceOptimization`: Adam on a copy of the network with the
   bundle's unsupervised loss, local NCC + regulariser; ``--refine_steps``, ``--refine_lr``): its row is the
   result after the last step (seconds include the optimisation), and a second table gives Dice and seconds
@@ -45,8 +50,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("identity", "ours", "ours_refined", "ants_default", "ants_strong")
+METHODS = ("identity", "ours", "ours_fields", "ours_refined", "ants_default", "ants_strong")
 SHAPE, SPACING = (88, 104, 88), 2.0
+# the options whose change invalidates a method's cached rows
+PROTOCOL = {"ours_fields": ("field_steps", "field_lr"), "ours_refined": ("steps", "lr")}
 
 
 def _pairs(label_maps: str, subset: str) -> list[tuple[str, str, str]]:
@@ -103,6 +110,27 @@ def _run_ours(pair: dict, network) -> dict:
     with torch.no_grad():
         forward_ddf, inverse_ddf = network.forward_and_inverse(pair["moving_image"][None], pair["fixed_image"][None])
     return _metrics(pair, forward_ddf, inverse_ddf, time.perf_counter() - start)
+
+
+def _run_fields(pair: dict, network, steps: list[int], learning_rate: float) -> dict:
+    """The network's pass, then field refinement with each of ``steps`` (from the network's fields); the scores of the
+    largest count, and ``"curve"``: ``{count: [dice, seconds]}`` (0: the network alone), scoring excluded."""
+    import torch
+
+    from monai_ext.engines.field_refinement import refine_fields
+
+    moving, fixed = pair["moving_image"][None], pair["fixed_image"][None]
+    start = time.perf_counter()
+    with torch.no_grad():
+        forward_ddf, inverse_ddf = network.forward_and_inverse(moving, fixed)
+    network_seconds = time.perf_counter() - start
+    curve = {0: [_metrics(pair, forward_ddf, inverse_ddf, network_seconds)["dice"], network_seconds]}
+    for count in steps:
+        start = time.perf_counter()
+        fields = refine_fields(moving, fixed, forward_ddf, inverse_ddf, steps=count, learning_rate=learning_rate)
+        row = _metrics(pair, *fields, network_seconds + time.perf_counter() - start)
+        curve[count] = [row["dice"], row["seconds"]]
+    return {**row, "curve": curve}
 
 
 def _run_refined(pair: dict, network, loss, steps: list[int], learning_rate: float) -> dict:
@@ -169,7 +197,7 @@ def _child(method: str, label_maps: str, pairs: list[list[str]], threads: int, r
     torch.set_num_threads(threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     network = loss = None
-    if method in ("ours", "ours_refined"):
+    if method in ("ours", "ours_fields", "ours_refined"):
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
@@ -185,6 +213,8 @@ def _child(method: str, label_maps: str, pairs: list[list[str]], threads: int, r
             row = _metrics(pair, zero, zero, 0.0)
         elif method == "ours":
             row = _run_ours(pair, network)
+        elif method == "ours_fields":
+            row = _run_fields(pair, network, refine["field_steps"], refine["field_lr"])
         elif method == "ours_refined":
             row = _run_refined(pair, network, loss, refine["steps"], refine["lr"])
         else:
@@ -214,15 +244,25 @@ def main() -> None:
         "--refine_lr", type=float, default=None,
         help="ours_refined: Adam learning rate (default: the bundle's instance_optimization_lr)",
     )  # fmt: skip
+    parser.add_argument(
+        "--field_steps", nargs="+", type=int, default=None,
+        help="ours_fields: refinement step counts for the Dice / seconds table (default: the bundle's "
+        "field_refinement_steps only)",
+    )  # fmt: skip
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_pairs", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if min(args.refine_steps) < 1:
-        parser.error(f"--refine_steps must be positive, got {args.refine_steps}")
+    if min(args.refine_steps) < 1 or min(args.field_steps or [1]) < 1:
+        parser.error(f"--refine_steps and --field_steps must be positive, got {args.refine_steps}, {args.field_steps}")
+    config = json.loads((REPO / "bundles" / "sitreg_brain" / "configs" / "inference.json").read_text())
     if args.refine_lr is None:
-        config = json.loads((REPO / "bundles" / "sitreg_brain" / "configs" / "inference.json").read_text())
         args.refine_lr = float(config["instance_optimization_lr"])
-    refine = {"steps": sorted(set(args.refine_steps)), "lr": args.refine_lr}
+    refine = {
+        "steps": sorted(set(args.refine_steps)),
+        "lr": args.refine_lr,
+        "field_steps": sorted(set(args.field_steps or [int(config["field_refinement_steps"])])),
+        "field_lr": float(config["field_refinement_lr"]),
+    }
     if args._child:
         _child(args._child, args.label_maps, json.loads(args._pairs), args.threads, refine)
         return
@@ -231,18 +271,20 @@ def main() -> None:
     results = {}
     for method in args.methods:
         stored = {"rows": {}} if method in args.refresh else cache.get(method, {"rows": {}})
-        if method == "ours_refined" and stored.get("protocol") != refine:
+        protocol = {key: refine[key] for key in PROTOCOL.get(method, ())}
+        if protocol and stored.get("protocol") != protocol:
             stored = {"rows": {}}  # other steps or learning rate: recompute
         missing = [p for p in pairs if "|".join(p) not in stored["rows"]]
         if missing:
             command = [sys.executable, __file__, "--_child", method, "--label_maps", args.label_maps]
             command += ["--threads", str(args.threads), "--_pairs", json.dumps(missing)]
             command += ["--refine_steps", *map(str, refine["steps"]), "--refine_lr", str(refine["lr"])]
+            command += ["--field_steps", *map(str, refine["field_steps"])]
             output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
             fresh = json.loads(output.strip().splitlines()[-1])
             stored = {"rows": {**stored.get("rows", {}), **fresh["rows"]}, "peak_rss_gb": fresh["peak_rss_gb"]}
-            if method == "ours_refined":
-                stored["protocol"] = refine
+            if protocol:
+                stored["protocol"] = protocol
         cache[method] = stored
         results[method] = stored
         if args.cache:
@@ -257,13 +299,19 @@ def main() -> None:
             means = [sum(r.get(c, float("nan")) for r in rows) / len(rows) for c in columns]
             cells = " | ".join(f"{v:.3f}" if c != "seconds" else f"{v:.2f}" for c, v in zip(columns, means))
             print(f"| {method} | {contrast} | {cells} | {results[method].get('peak_rss_gb', float('nan')):.2f} |")
-    if "ours_refined" in results:
-        print(f"\nTest-time refinement from the shipped weights (Adam, lr {refine['lr']:g}): mean Dice / seconds per pair")
-        steps = [0, *refine["steps"]]
+    titles = {
+        "ours_fields": f"Field refinement after the network's pass (Adam, lr {refine['field_lr']:g})",
+        "ours_refined": f"Weight refinement from the shipped weights (Adam, lr {refine['lr']:g})",
+    }
+    for method, title in titles.items():
+        if method not in results:
+            continue
+        print(f"\n{title}: mean Dice / seconds per pair")
+        steps = [0, *refine["field_steps" if method == "ours_fields" else "steps"]]
         print("| contrast | " + " | ".join(f"{n} steps" for n in steps) + " |")
         print("|---" * (len(steps) + 1) + "|")
         for contrast in ("t1", "random"):
-            rows = [results["ours_refined"]["rows"]["|".join(p)] for p in pairs if p[2] == contrast]
+            rows = [results[method]["rows"]["|".join(p)] for p in pairs if p[2] == contrast]
             cells = []
             for n in steps:
                 points = [row["curve"][str(n)] for row in rows]  # JSON keys

@@ -72,8 +72,12 @@ def test_world_shift_is_recovered_in_mm(demo_pair, tmp_path):
     inside = np.asarray(image.dataobj).transpose(2, 1, 0) > 0.05
     lps = shift * np.array([-1.0, -1.0, 1.0])
     # the two model-space images agree to float rounding (two resamplings on grids shifted by the same amount),
-    # so the trained network returns the identity up to a few hundredths of a millimetre
+    # so the trained network returns the identity up to a few hundredths of a millimetre, and the field refinement
+    # (on by default) keeps it: local NCC with its eps term is not exactly stationary at the identity in
+    # near-empty windows, which moves a few dim voxels at the brain's edge by up to a few tenths of a millimetre
+    error = np.abs(field[inside] - lps)
     np.testing.assert_allclose(field[inside].mean(0), lps, atol=5e-3)
-    assert np.abs(field[inside] - lps).max() < 0.05
+    assert np.quantile(error, 0.999) < 0.05 and error.max() < 0.3, (np.quantile(error, 0.999), error.max())
     warped = np.asarray(nib.load(str(folder / "warped_image.nii.gz")).dataobj)
-    assert np.abs(warped - np.asarray(image.dataobj))[np.asarray(image.dataobj) > 0.05].max() < 1e-2
+    difference = np.abs(warped - np.asarray(image.dataobj))[np.asarray(image.dataobj) > 0.05]
+    assert np.quantile(difference, 0.999) < 1e-2 and difference.max() < 0.03, (np.quantile(difference, 0.999), difference.max())

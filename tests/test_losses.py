@@ -243,3 +243,16 @@ def test_symmetric_loss_bad_inputs():
         SymmetricRegistrationLoss(LocalNormalizedCrossCorrelation(3), {"gradient": GradientDeformationLoss()})
     with pytest.raises(ValueError, match="reserved"):
         SymmetricRegistrationLoss(LocalNormalizedCrossCorrelation(3), {"loss": (GradientDeformationLoss(), 1.0)})
+
+
+@pytest.mark.parametrize("shape, width", [((1, 2, 9, 8, 7), 5), ((2, 3, 11, 6), 7), ((1, 1, 4, 5, 6), 11)])
+def test_box_sums_equal_monai_separable_box_filtering(shape, width):
+    """The LNCC window sums (shifted views) are MONAI's separable box filter with zero padding, windows wider than
+    the image included."""
+    from monai.networks.layers import separable_filtering
+
+    from monai_ext.losses.similarity import _box_sums
+
+    volume = torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    expected = separable_filtering(volume, [torch.ones(width, dtype=torch.float64)] * (volume.ndim - 2))
+    torch.testing.assert_close(_box_sums(volume, width), expected, rtol=0, atol=1e-12)

@@ -48,11 +48,11 @@ import torch
 
 from monai_ext.io.itk_fields import write_displacement_field, write_itk_affine
 from monai_ext.io.keymorph_outputs import write_keypoints
-from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, _Grid
-from monai_ext.metrics.overlap import label_overlap
+from monai_ext.io.outputs import OUTPUTS, RegistrationWriter, _Grid, native_overlap
+from monai_ext.metrics.overlap import pair_metrics
 from monai_ext.spatial.affine import transform_points
 from monai_ext.spatial.coordinates import invert_homogeneous
-from monai_ext.spatial.sampling import affine_to_ddf, warp
+from monai_ext.spatial.sampling import affine_to_ddf
 
 __all__ = ["AFFINE_DEFORMABLE_OUTPUTS", "DEFAULT_OUTPUTS", "AffineDeformableWriter"]
 
@@ -103,26 +103,12 @@ class AffineDeformableWriter(RegistrationWriter):
         """Native-grid Dice before / after the affine / after the full map, the deformable field's model-space
         metrics and the affine checks (module docstring)."""
         label_keys = self.keys[2:]
-        deformable = super().pair_row({k: v for k, v in item.items() if k not in label_keys}, fixed, moving, forward)
+        deformable = pair_metrics({k: v for k, v in item.items() if k not in label_keys}, self.labels)
         row = {key: deformable.pop(key) for key in ("moving_name", "fixed_name")}
-        fixed_label, moving_label = fixed.label_map(), moving.label_map()
-        if fixed_label is not None and moving_label is not None:
-            labels = self.labels
-            if labels is None:
-                present = torch.cat([fixed_label.unique(), moving_label.unique()]).unique()
-                labels = [int(v) for v in present if v != 0]
-            if labels:
-                row["num_labels"] = len(labels)
-                affine = self._affine(item)
-                to_moving_voxels = invert_homogeneous(moving.affine)
-                stages = {
-                    "_before": affine_to_ddf((to_moving_voxels @ fixed.affine)[None].float(), fixed.shape),
-                    "_affine": affine_to_ddf((to_moving_voxels @ affine @ fixed.affine)[None].float(), fixed.shape),
-                    "": forward,
-                }
-                for suffix, ddf in stages.items():
-                    warped = warp(moving_label[None], ddf, "nearest", "zeros")
-                    row.update(label_overlap(warped, fixed_label[None], labels, suffix, self.hd95 and not suffix))
+        to_moving_voxels = invert_homogeneous(moving.affine)
+        affine_stage = affine_to_ddf((to_moving_voxels @ self._affine(item) @ fixed.affine)[None].float(), fixed.shape)
+        stages = {"_before": None, "_affine": affine_stage, "": forward}
+        row.update(native_overlap(fixed, moving, stages, self.labels, self.hd95) or {})
         row.update(deformable)
         for key in _CHECKS:
             if key in item:

@@ -20,9 +20,9 @@ output name            file                                 content
 ``jacobian``           ``jacobian.nii.gz``                  determinant of the world-space Jacobian of the
                                                             forward map on the native fixed grid (>1: the moving
                                                             region is larger; <=0: folding)
-``metrics``            ``metrics.json``                     :func:`~monai_ext.metrics.overlap.pair_metrics`
-                                                            (model space: Dice before / after, folding, SDlogJ,
-                                                            NDV, inverse consistency)
+``metrics``            ``metrics.json``                     Dice before / after (label maps given as files: on
+                                                            the native grids, see below), folding, SDlogJ, NDV,
+                                                            inverse consistency (model grid)
 ``qa``                 ``qa.png``                           :func:`~monai_ext.io.qa.qa_figure` on the native grids
 =====================  ===================================  ===================================================
 
@@ -33,6 +33,15 @@ turns the model DDF into a DDF between the native grids, and the native moving i
 again from ``meta["filename_or_obj"]`` with :func:`monai_ext.io.native.load_image`, so intensity preprocessing
 does not leak into the outputs) are warped with it in one interpolation. Outputs without file metadata (plain
 tensors) are written in model space with the model affine (identity if there is none).
+
+Dice: when both label maps come from files, ``metrics.json`` scores the files themselves, on the native grids, as a
+user's own tools would score the outputs: ``dice`` (and ``dice_label_<l>``, ``hd95``) compares the written
+``warped_label`` with the fixed label file, ``dice_before`` the moving label file resampled onto the fixed grid
+through world coordinates (the files as they lie), ``dice_inverse`` the fixed label file warped onto the moving
+grid with the inverse field against the moving label file (:func:`native_overlap`). Scoring the model-grid copies
+instead would resample each label map twice by nearest neighbour: each copy then sits up to half a model voxel
+away from its image, which caps the Dice of a precise registration. Without label files the model-grid
+:func:`~monai_ext.metrics.overlap.pair_metrics` are written.
 
 A pair is written into a hidden temporary folder that is renamed onto its final name only when every file is
 complete: a failure or an interruption leaves nothing of that pair. An existing pair folder is refused unless
@@ -61,7 +70,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
-from monai_ext.metrics.overlap import pair_metrics
+from monai_ext.metrics.overlap import label_overlap, pair_metrics
 from monai_ext.io.itk_fields import write_displacement_field, write_image
 from monai_ext.io.native import ddf_model_to_native, load_image
 from monai_ext.io.qa import qa_figure
@@ -75,7 +84,8 @@ from monai_ext.io.validation import (
 )
 from monai_ext.data.atomic import atomic_output, umask_mode
 from monai_ext.metrics.deformation import jacobian_determinant
-from monai_ext.spatial.sampling import warp
+from monai_ext.spatial.coordinates import invert_homogeneous
+from monai_ext.spatial.sampling import affine_to_ddf, warp
 
 __all__ = [
     "OUTPUTS",
@@ -241,6 +251,42 @@ def _to_native(ddf: torch.Tensor, target: _Grid, source: _Grid) -> torch.Tensor:
     return ddf_model_to_native(ddf, target.model_affine, source.model_affine, target.affine, target.shape, source.affine)
 
 
+def native_overlap(
+    fixed: _Grid,
+    moving: _Grid,
+    stages: Mapping[str, torch.Tensor],
+    labels: Sequence[int] | None = None,
+    hd95: bool = False,
+    inverse: torch.Tensor | None = None,
+) -> dict[str, Any] | None:
+    """Dice of the label maps on their own grids (the files' native grids; the model grid for tensors without a
+    file), or ``None`` unless both grids have a label map (module docstring).
+
+    ``stages``: ``{suffix: (1, n, *fixed.shape) native voxel DDF}`` (fixed native voxel -> moving native voxel); the
+    suffix ``"_before"`` may map to ``None``: the files as they lie in world space. ``inverse``: the native DDF
+    ``(1, n, *moving.shape)`` for ``dice_inverse``. HD95 (voxels of the fixed grid) for the stage ``""`` only.
+    Returns ``num_labels`` and :func:`~monai_ext.metrics.overlap.label_overlap`'s columns per stage.
+    """
+    fixed_label, moving_label = fixed.label_map(), moving.label_map()
+    if fixed_label is None or moving_label is None:
+        return None
+    if labels is None:
+        present = torch.cat([fixed_label.unique(), moving_label.unique()]).unique()
+        labels = [int(v) for v in present if v != 0]
+    if not labels:
+        return None
+    row: dict[str, Any] = {"num_labels": len(labels)}
+    as_lying = invert_homogeneous(moving.affine) @ fixed.affine
+    for suffix, ddf in stages.items():
+        ddf = affine_to_ddf(as_lying[None].float(), fixed.shape) if ddf is None else ddf
+        warped = warp(moving_label[None], ddf, "nearest", "zeros")
+        row.update(label_overlap(warped, fixed_label[None], labels, suffix, hd95 and not suffix))
+    if inverse is not None:
+        warped = warp(fixed_label[None], inverse, "nearest", "zeros")
+        row.update(label_overlap(warped, moving_label[None], labels, "_inverse", hd95))
+    return row
+
+
 def _world_jacobian(ddf: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor) -> torch.Tensor:
     """``(*spatial)`` Jacobian determinant of the world map of a voxel DDF ``(1, n, *spatial)`` between two grids.
 
@@ -397,10 +443,19 @@ class RegistrationWriter:
         self._write_outputs(item, folder, name, fixed, moving, _to_native(item["forward_ddf"], fixed, moving))
 
     def pair_row(self, item: Mapping[str, Any], fixed: _Grid, moving: _Grid, forward: torch.Tensor) -> dict[str, Any]:
-        """The ``metrics.json`` row of a pair: :func:`~monai_ext.metrics.overlap.pair_metrics` of the engine output
-        (model space). Subclasses add columns that need the native grids or the native voxel DDF ``forward``
-        ``(1, n, *fixed.shape)`` (fixed native voxel -> moving native voxel)."""
-        return pair_metrics(item, self.labels, self.hd95)
+        """The ``metrics.json`` row of a pair: the deformation metrics of
+        :func:`~monai_ext.metrics.overlap.pair_metrics` (model space) and the Dice of the native label files
+        (:func:`native_overlap`; the model-space Dice when there are none). Subclasses add columns that need the
+        native grids or the native voxel DDF ``forward`` ``(1, n, *fixed.shape)`` (fixed native voxel -> moving
+        native voxel)."""
+        inverse = item.get("inverse_ddf")
+        inverse = _to_native(inverse, moving, fixed) if isinstance(inverse, torch.Tensor) else None
+        overlap = native_overlap(fixed, moving, {"_before": None, "": forward}, self.labels, self.hd95, inverse)
+        if overlap is None:
+            return pair_metrics(item, self.labels, self.hd95)
+        deformation = pair_metrics({k: v for k, v in item.items() if k not in self.keys[2:]}, self.labels)
+        names = {key: deformation.pop(key) for key in ("moving_name", "fixed_name")}
+        return {**names, **overlap, **deformation}
 
     def _write_outputs(
         self, item: Mapping[str, Any], folder: Path, name: str, fixed: _Grid, moving: _Grid, forward: torch.Tensor
