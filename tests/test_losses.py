@@ -256,3 +256,5 @@ def test_box_sums_equal_monai_separable_box_filtering(shape, width):
     volume = torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
     expected = separable_filtering(volume, [torch.ones(width, dtype=torch.float64)] * (volume.ndim - 2))
     torch.testing.assert_close(_box_sums(volume, width), expected, rtol=0, atol=1e-12)
+    small = volume[:1, :1, :5, :4].clone().requires_grad_(True)  # its own backward (the map is symmetric)
+    assert torch.autograd.gradcheck(lambda v: _box_sums(v, width), (small,))

@@ -30,7 +30,7 @@ workshops); MONAI has no such layer.
 
     "iteration_update": {"_target_": "monai_ext.engines.field_refinement.FieldRefinement",
                          "iteration": {"_target_": "monai_ext.engines.registration.RegistrationEvalIteration"},
-                         "steps": 8}
+                         "steps": 4}
 """
 
 from __future__ import annotations
@@ -105,12 +105,12 @@ def refine_fields(
     fixed: torch.Tensor,
     forward_ddf: torch.Tensor,
     inverse_ddf: torch.Tensor,
-    steps: int = 8,
+    steps: int = 4,
     learning_rate: float = 0.15,
     regularization_weight: float = 2.0,
     similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     grid_factor: int = 2,
-    integration_steps: int = 4,
+    integration_steps: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine a forward / inverse DDF pair on one image pair (see the module docstring for the model).
 
@@ -228,12 +228,12 @@ class FieldRefinement:
     def __init__(
         self,
         iteration: Callable[[Any, Mapping[str, Any]], Any],
-        steps: int = 8,
+        steps: int = 4,
         learning_rate: float = 0.15,
         regularization_weight: float = 2.0,
         similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         grid_factor: int = 2,
-        integration_steps: int = 4,
+        integration_steps: int = 3,
     ) -> None:
         if not callable(iteration):
             raise ValueError(f"iteration must be callable (an iteration_update), got {type(iteration).__name__}")
