@@ -199,6 +199,18 @@ CLI_CASES = {
         ["keymorph_ixi_half", M, F, "{out}", "--load_pretrained", "False"],
         "unknown flag --load_pretrained",
     ),
+    "brain: negative field refinement steps": (
+        ["sitreg_brain", M, F, "{out}", "--field_refinement_steps", "-2"],
+        "field refinement steps must be a non-negative integer, got -2",
+    ),
+    "brain: zero field refinement learning rate": (
+        ["sitreg_brain", M, F, "{out}", "--field_refinement_lr", "0"],
+        "field refinement learning_rate must be positive",
+    ),
+    "brain: fractional instance optimisation steps": (
+        ["sitreg_brain", M, F, "{out}", "--instance_optimization_steps", "2.5"],
+        "instance optimisation steps must be a non-negative integer, got 2.5",
+    ),
     "keymorph: weights missing": (["keymorph_ixi_half", M, F, "{out}"], "trained weights not found"),
     "keymorph: all-zero image": (["keymorph_ixi_half", "{zeros}", F, "{out}", "--no_weights"], "the image is constant"),
     "keymorph: label off grid": (

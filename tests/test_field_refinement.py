@@ -85,8 +85,10 @@ def test_grids_of_different_sizes_and_zero_steps():
         ({"moving": torch.zeros(1, 2, 8, 8, 8)}, "differ in batch or channels"),
         ({"fixed": torch.zeros(1, 1, 8, 8, 8, dtype=torch.int64)}, "fixed must be a floating-point"),
         ({"steps": -1}, "steps must be a non-negative integer"),
+        ({"steps": 2.5}, "steps must be a non-negative integer"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
-        ({"grid_factor": 0}, "grid_factor and integration_steps"),
+        ({"grid_factor": 0}, "grid_factor must be a positive integer"),
+        ({"integration_steps": 0}, "integration_steps must be a positive integer"),
     ],
 )
 def test_bad_inputs_are_refused_clearly(change, message):

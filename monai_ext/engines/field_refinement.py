@@ -46,6 +46,7 @@ from monai.data import MetaTensor
 from monai.networks.blocks import DVF2DDF
 
 from monai_ext.engines.registration import forward_and_inverse
+from monai_ext.errors import InputError
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
 from monai_ext.spatial.sampling import check_ddf, compose, sample, voxel_grid
 
@@ -100,6 +101,21 @@ def _check_inputs(
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} differ in batch or channels")
 
 
+def _check_options(
+    steps: int, learning_rate: float, regularization_weight: float, grid_factor: int, integration_steps: int
+) -> None:
+    """Raise :class:`~monai_ext.errors.InputError` (a ``ValueError``) for invalid refinement settings."""
+    for name, value in (("steps", steps), ("grid_factor", grid_factor), ("integration_steps", integration_steps)):
+        if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
+            bound = "non-negative" if name == "steps" else "positive"
+            raise InputError(f"field refinement {name} must be a {bound} integer, got {value!r}")
+    if not learning_rate > 0 or not regularization_weight >= 0:
+        raise InputError(
+            f"field refinement learning_rate must be positive and regularization_weight non-negative, got "
+            f"{learning_rate!r} and {regularization_weight!r}"
+        )
+
+
 def refine_fields(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -130,16 +146,7 @@ def refine_fields(
     Returns:
         ``(forward_ddf, inverse_ddf)`` refined, same shapes and grids as the inputs, without gradients.
     """
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}")
-    if not learning_rate > 0 or not regularization_weight >= 0:
-        raise ValueError(
-            f"learning_rate must be positive and regularization_weight non-negative, got {learning_rate} and "
-            f"{regularization_weight}"
-        )
-    for name, value in (("grid_factor", grid_factor), ("integration_steps", integration_steps)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"grid_factor and integration_steps must be positive integers, got {name} = {value}")
+    _check_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
     moving, fixed, forward_ddf, inverse_ddf = (
         t.as_tensor() if isinstance(t, MetaTensor) else t for t in (moving, fixed, forward_ddf, inverse_ddf)
     )
@@ -237,8 +244,7 @@ class FieldRefinement:
     ) -> None:
         if not callable(iteration):
             raise ValueError(f"iteration must be callable (an iteration_update), got {type(iteration).__name__}")
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps}")
+        _check_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
         self.iteration = iteration
         self.options = {
             "steps": int(steps),

@@ -32,6 +32,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_ext.engines.registration import forward_and_inverse, pair_from_batch
+from monai_ext.errors import InputError
 from monai_ext.spatial.sampling import warp
 
 __all__ = ["PairLoss", "SymmetricPairLoss", "KeyMorphPairLoss", "InstanceOptimization"]
@@ -141,10 +142,10 @@ class InstanceOptimization:
     ) -> None:
         if not callable(iteration):
             raise ValueError(f"iteration must be callable (an iteration_update), got {type(iteration).__name__}")
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps}")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+            raise InputError(f"instance optimisation steps must be a non-negative integer, got {steps!r}")
         if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+            raise InputError(f"instance optimisation learning_rate must be positive, got {learning_rate!r}")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.iteration = iteration
