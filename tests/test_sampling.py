@@ -348,3 +348,20 @@ def test_itk_padding_half_voxel_band():
     assert torch.all(warped[0, 0, 0] == 0) and torch.all(warped[0, 0, 1:, 1:, 1:] != 0)
     with pytest.raises(ValueError, match="padding must be one of"):
         sample(volume, points.T[None], padding="reflect")
+
+
+@pytest.mark.parametrize("shape, factor", [((9, 8, 7), 2), ((10, 12, 8), 2), ((9, 10, 11), 4), ((7, 9), 2)])
+def test_upsample_and_downsample_ddf_share_the_left_edge_grid(shape, factor):
+    """Coarse voxel j sits at factor * j + (factor - 1) / 2: upsampling is multilinear sampling there (border),
+    scaled by factor; a displacement that is affine in the position survives down- and upsampling exactly."""
+    from monai_ext.spatial.sampling import downsample_ddf, upsample_ddf
+
+    coarse = [-(-s // factor) for s in shape]
+    ddf = torch.randn(2, len(shape), *coarse, dtype=torch.float64, generator=torch.Generator().manual_seed(factor))
+    points = voxel_grid(shape, torch.float64)[None].add_(0.5).div_(factor).sub_(0.5)
+    torch.testing.assert_close(upsample_ddf(ddf, factor, shape), sample(ddf, points) * factor, rtol=0, atol=1e-12)
+    full = [factor * c for c in coarse]  # whole blocks: the block mean of an affine field is its value at the centre
+    linear = 0.3 * voxel_grid(full, torch.float64)[None] + 1.5
+    assert downsample_ddf(linear, factor).shape[2:] == tuple(coarse)
+    interior = (..., *(slice(factor, -factor) for _ in shape))
+    torch.testing.assert_close(upsample_ddf(downsample_ddf(linear, factor), factor, full)[interior], linear[interior])

@@ -15,7 +15,8 @@ and fold-free as the network's own. The loss is symmetric in the two images::
 (``sim``: local NCC by default; gradients by forward differences on the coarse grids, mean of squares), so
 swapping ``moving`` / ``fixed`` (and ``f`` / ``g``) gives the swapped result: the solution for the swapped pair
 is ``(-v_m, -v_f)``, which Adam, elementwise and sign-equivariant, reaches step for step. For speed the loss uses
-the network's fields area-downsampled to the coarse grids and composes there (the velocity grids are coarse
+the network's fields averaged onto the coarse grids (:func:`~monai_ext.spatial.sampling.downsample_ddf`) and
+composes there (the velocity grids are coarse
 anyway); the images are warped at full resolution, and the returned DDFs compose the corrections with the
 full-resolution ``f`` / ``g``.
 
@@ -37,18 +38,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.blocks import DVF2DDF
 
 from monai_ext.engines.registration import forward_and_inverse
 from monai_ext.errors import InputError
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
-from monai_ext.spatial.sampling import check_ddf, compose, sample, voxel_grid
+from monai_ext.spatial.sampling import check_ddf, compose, downsample_ddf, sample, upsample_ddf, voxel_grid
 
 __all__ = ["refine_fields", "FieldRefinement"]
 
@@ -57,25 +57,6 @@ logger = logging.getLogger(__name__)
 # Adam's eps for the loss summed over coarse voxels: gradients of real image differences are ~0.1-1 there, float
 # noise between identical images ~1e-5
 _ADAM_EPS = 1e-2
-
-
-def _resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``ddf`` ``(B, n, *spatial)`` (voxel units) resampled to a grid of ``shape`` covering the same extent.
-
-    Voxel centres follow ``align_corners=False`` (grid ``i`` of size ``s`` <-> ``(i + 0.5) s' / s - 0.5``), the
-    displacement of axis ``k`` is rescaled by ``shape[k] / spatial[k]``; area averaging to coarser grids,
-    multilinear interpolation to finer ones.
-    """
-    shape = tuple(int(s) for s in shape)
-    source = ddf.shape[2:]
-    if tuple(source) == shape:
-        return ddf
-    if all(t >= s for t, s in zip(shape, source)):
-        out = F.interpolate(ddf, size=shape, mode="trilinear" if ddf.ndim == 5 else "bilinear", align_corners=False)
-    else:
-        out = F.interpolate(ddf, size=shape, mode="area")
-    scale = torch.tensor([t / s for t, s in zip(shape, source)], dtype=ddf.dtype, device=ddf.device)
-    return out * scale.view(1, -1, *([1] * len(shape)))
 
 
 def _check_inputs(
@@ -158,8 +139,7 @@ def refine_fields(
     exp = DVF2DDF(num_steps=int(integration_steps), padding_mode="border")
     fixed_shape, moving_shape = fixed.shape[2:], moving.shape[2:]
     grids = {tuple(s): voxel_grid(s, forward_ddf.dtype, forward_ddf.device)[None] for s in (fixed_shape, moving_shape)}
-    forward_coarse = _resize_ddf(forward_ddf, [math.ceil(s / grid_factor) for s in fixed_shape])
-    inverse_coarse = _resize_ddf(inverse_ddf, [math.ceil(s / grid_factor) for s in moving_shape])
+    forward_coarse, inverse_coarse = downsample_ddf(forward_ddf, grid_factor), downsample_ddf(inverse_ddf, grid_factor)
     velocity_fixed = torch.zeros_like(forward_coarse, requires_grad=True)
     velocity_moving = torch.zeros_like(inverse_coarse, requires_grad=True)
     # the loss is a mean over voxels: scaled to a sum over the coarse voxels, its gradient per velocity voxel does not
@@ -184,8 +164,10 @@ def refine_fields(
             exp_moving, exp_moving_inverse = exp_both(velocity_moving)
             forward_refined = compose(exp_moving, compose(forward_coarse, exp_fixed))
             inverse_refined = compose(exp_fixed_inverse, compose(inverse_coarse, exp_moving_inverse))
-            warped_moving = sample(moving, grids[tuple(fixed_shape)] + _resize_ddf(forward_refined, fixed_shape))
-            warped_fixed = sample(fixed, grids[tuple(moving_shape)] + _resize_ddf(inverse_refined, moving_shape))
+            forward_full = upsample_ddf(forward_refined, grid_factor, fixed_shape)
+            inverse_full = upsample_ddf(inverse_refined, grid_factor, moving_shape)
+            warped_moving = sample(moving, grids[tuple(fixed_shape)] + forward_full)
+            warped_fixed = sample(fixed, grids[tuple(moving_shape)] + inverse_full)
             loss = similarity(warped_moving, fixed) + similarity(warped_fixed, moving)
             loss = loss + regularization_weight * (roughness(velocity_fixed) + roughness(velocity_moving))
             value = float(loss.detach())
@@ -196,8 +178,8 @@ def refine_fields(
             optimizer.step()
             logger.debug(f"field refinement step {step}/{steps}: loss {value:.6f}")
     with torch.no_grad():
-        exp_fixed = [_resize_ddf(e, fixed_shape) for e in exp_both(velocity_fixed)]
-        exp_moving = [_resize_ddf(e, moving_shape) for e in exp_both(velocity_moving)]
+        exp_fixed = [upsample_ddf(e, grid_factor, fixed_shape) for e in exp_both(velocity_fixed)]
+        exp_moving = [upsample_ddf(e, grid_factor, moving_shape) for e in exp_both(velocity_moving)]
         forward_out = compose(exp_moving[0], compose(forward_ddf, exp_fixed[0]))
         inverse_out = compose(exp_fixed[1], compose(inverse_ddf, exp_moving[1]))
     return forward_out, inverse_out

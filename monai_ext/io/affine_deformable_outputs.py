@@ -99,9 +99,16 @@ class AffineDeformableWriter(RegistrationWriter):
             raise ValueError(f"engine output must hold the affine {self.affine_key!r} (n + 1, n + 1), got {shape}")
         return affine.detach().cpu().to(torch.float64)
 
-    def pair_row(self, item: Mapping[str, Any], fixed: _Grid, moving: _Grid, forward: torch.Tensor) -> dict[str, Any]:
+    def pair_row(
+        self,
+        item: Mapping[str, Any],
+        fixed: _Grid,
+        moving: _Grid,
+        forward: torch.Tensor,
+        inverse: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """Native-grid Dice before / after the affine / after the full map, the deformable field's model-space
-        metrics and the affine checks (module docstring)."""
+        metrics and the affine checks (module docstring); ``forward`` / ``inverse`` as in the base class."""
         label_keys = self.keys[2:]
         deformable = pair_metrics({k: v for k, v in item.items() if k not in label_keys}, self.labels)
         row = {key: deformable.pop(key) for key in ("moving_name", "fixed_name")}

@@ -442,14 +442,19 @@ class RegistrationWriter:
         moving = _Grid(item[moving_key], item.get(moving_label_key))
         self._write_outputs(item, folder, name, fixed, moving, _to_native(item["forward_ddf"], fixed, moving))
 
-    def pair_row(self, item: Mapping[str, Any], fixed: _Grid, moving: _Grid, forward: torch.Tensor) -> dict[str, Any]:
+    def pair_row(
+        self,
+        item: Mapping[str, Any],
+        fixed: _Grid,
+        moving: _Grid,
+        forward: torch.Tensor,
+        inverse: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """The ``metrics.json`` row of a pair: the deformation metrics of
         :func:`~monai_ext.metrics.overlap.pair_metrics` (model space) and the Dice of the native label files
-        (:func:`native_overlap`; the model-space Dice when there are none). Subclasses add columns that need the
-        native grids or the native voxel DDF ``forward`` ``(1, n, *fixed.shape)`` (fixed native voxel -> moving
-        native voxel)."""
-        inverse = item.get("inverse_ddf")
-        inverse = _to_native(inverse, moving, fixed) if isinstance(inverse, torch.Tensor) else None
+        (:func:`native_overlap`; the model-space Dice when there are none). ``forward``: the native voxel DDF
+        ``(1, n, *fixed.shape)`` (fixed native voxel -> moving native voxel); ``inverse``: ``(1, n, *moving.shape)``
+        (moving native voxel -> fixed native voxel) or ``None``. Subclasses add columns that need them."""
         overlap = native_overlap(fixed, moving, {"_before": None, "": forward}, self.labels, self.hd95, inverse)
         if overlap is None:
             return pair_metrics(item, self.labels, self.hd95)
@@ -463,6 +468,9 @@ class RegistrationWriter:
         """Write the selected outputs of one pair into ``folder``; ``forward`` as in :meth:`pair_row`."""
         model_inverse = item.get("inverse_ddf")
         wanted = set(self.outputs)
+        inverse = None
+        if isinstance(model_inverse, torch.Tensor) and wanted & {"inverse_ddf", "inverse_field_itk", "metrics"}:
+            inverse = _to_native(model_inverse, moving, fixed)
         path = {key: folder / _FILES[key] for key in OUTPUTS}
         warped_image = None
         if wanted & {"warped_image", "qa"}:
@@ -480,10 +488,9 @@ class RegistrationWriter:
         if "forward_field_itk" in wanted:
             write_displacement_field(path["forward_field_itk"], forward, fixed.affine, moving.affine)
         if wanted & {"inverse_ddf", "inverse_field_itk"}:
-            if model_inverse is None:
+            if inverse is None:
                 self.logger.info(f"{name}: no inverse_ddf in the engine output, inverse outputs skipped")
             else:
-                inverse = _to_native(model_inverse, moving, fixed)
                 if "inverse_ddf" in wanted:
                     _write_ddf_nifti(path["inverse_ddf"], inverse, moving.affine)
                 if "inverse_field_itk" in wanted:
@@ -494,7 +501,8 @@ class RegistrationWriter:
         if "jacobian" in wanted:
             write_image(path["jacobian"], jacobian.to(torch.float32), fixed.affine)
         if "metrics" in wanted:
-            payload = {key: _strict(value) for key, value in self.pair_row(item, fixed, moving, forward).items()}
+            row = self.pair_row(item, fixed, moving, forward, inverse)
+            payload = {key: _strict(value) for key, value in row.items()}
             with atomic_output(path["metrics"]) as tmp:
                 tmp.write_text(json.dumps(payload, indent=2))
             self.logger.info(summary_line(payload, name))

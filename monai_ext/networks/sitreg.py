@@ -46,7 +46,7 @@ from monai_ext.spatial.affine import affine_matrix_from_parameters
 from monai_ext.spatial.bspline import bspline_upsample, control_point_bound
 from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_centered_normalized
 from monai_ext.spatial.inversion import AndersonSolver, DDFInversion
-from monai_ext.spatial.sampling import sample, voxel_grid
+from monai_ext.spatial.sampling import sample, upsample_ddf, voxel_grid
 
 __all__ = [
     "SITRegEncoder",
@@ -749,11 +749,7 @@ class SITReg(nn.Module):
     def upsample_ddf(self, ddf: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
         """A transformation-grid voxel DDF ``(B, n, *ceil(spatial / 2^t))`` as an input-grid voxel DDF
         ``(B, n, *spatial_shape)``: multilinear interpolation (border), values scaled by ``2^t``."""
-        factor = 2**self.transformation_level
-        if factor == 1:
-            return ddf
-        points = voxel_grid(spatial_shape, ddf.dtype, ddf.device)[None].add_(0.5).div_(factor).sub_(0.5)
-        return sample(ddf, points).mul_(factor)
+        return upsample_ddf(ddf, 2**self.transformation_level, spatial_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward DDF ``(B, n, *spatial)`` of ``x = cat(moving, fixed)``, ``(B, 2 * in_channels, *spatial)``.

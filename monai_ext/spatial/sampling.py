@@ -20,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-__all__ = ["voxel_grid", "sample", "sample_points", "warp", "compose", "affine_to_ddf", "check_ddf"]
+__all__ = [
+    "voxel_grid",
+    "sample",
+    "sample_points",
+    "warp",
+    "compose",
+    "affine_to_ddf",
+    "check_ddf",
+    "upsample_ddf",
+    "downsample_ddf",
+]
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 _PADDINGS = ("border", "zeros", "itk")
@@ -178,6 +188,36 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     check_ddf(inner, "inner")
     coords = voxel_grid(inner.shape[2:], inner.dtype, inner.device)[None] + inner
     return inner + sample(outer, coords)
+
+
+def upsample_ddf(ddf: torch.Tensor, factor: int, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """A voxel DDF of a grid downsampled by ``factor`` as a voxel DDF of the full grid ``spatial_shape``.
+
+    ``ddf`` is ``(B, n, *coarse)``, ``coarse = ceil(spatial_shape / factor)``; coarse voxel ``j`` is centred at
+    full-resolution ``factor * j + (factor - 1) / 2`` (the grids share the left edge of their first voxel,
+    :func:`monai_ext.spatial.coordinates.downsampled_voxel_to_voxel`). Multilinear interpolation with border
+    extrapolation; the displacements are scaled by ``factor`` (coarse voxels -> full-resolution voxels).
+    Returns ``(B, n, *spatial_shape)``.
+    """
+    if factor == 1:
+        return ddf
+    # interpolate's half-pixel mapping with an explicit scale factor is this grid convention, (x + 0.5) / f - 0.5,
+    # with the source index clamped to the grid (border); it is several times faster than a general sampling,
+    # backward included. The upsampled grid covers factor * coarse >= spatial_shape voxels: cropped.
+    mode = "trilinear" if ddf.ndim == 5 else "bilinear"
+    out = F.interpolate(ddf, scale_factor=factor, mode=mode, align_corners=False, recompute_scale_factor=False)
+    return out[(..., *(slice(0, int(s)) for s in spatial_shape))] * factor
+
+
+def downsample_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
+    """A voxel DDF ``(B, n, *spatial)`` averaged onto the grid downsampled by ``factor`` (the grid convention of
+    :func:`upsample_ddf`): the mean over each ``factor**n`` block (a partial block at the far edge over the voxels it
+    holds), displacements divided by ``factor``. Returns ``(B, n, *ceil(spatial / factor))``.
+    """
+    if factor == 1:
+        return ddf
+    pool = F.avg_pool3d if ddf.ndim == 5 else F.avg_pool2d
+    return pool(ddf, factor, stride=factor, ceil_mode=True) / factor
 
 
 def affine_to_ddf(matrix: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
