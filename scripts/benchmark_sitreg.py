@@ -8,6 +8,7 @@ configuration alone and includes the ~0.5 GB of importing torch and MONAI.
 
     python scripts/benchmark_sitreg.py                 # forward + inverse pass (inference), CPU
     python scripts/benchmark_sitreg.py --train         # also a training step (forward + backward)
+    python scripts/benchmark_sitreg.py --bf16          # also inference with bfloat16 convolutions
     python scripts/benchmark_sitreg.py --threads 2 --shape 160 144 192
 
 Reference (the SITReg authors' implementation, same weights and inputs, fresh process, runs interleaved with ours
@@ -29,43 +30,54 @@ REFERENCE = {"seconds": 41.0, "peak_rss_gb": 3.25}  # forward + inverse, see the
 TARGET = {"seconds": 12.0, "peak_rss_gb": 1.2}
 
 
-def _measure(shape: list[int], train: bool, threads: int) -> dict[str, float]:
-    """Seconds of the first and the second call in this (fresh) process, and its peak RSS (GB)."""
+def _measure(shape: list[int], mode: str, threads: int) -> dict[str, float]:
+    """Seconds of the first and the second call in this (fresh) process, and its peak RSS (GB); for the bfloat16
+    mode also the largest difference of its DDFs from the float32 ones (voxels, measured after the timing)."""
     import torch
 
     from monai_ext.networks.sitreg import SITReg
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = SITReg(spatial_dims=3)  # OASIS cc_grad_1.0 defaults: features (8,40,40,40), deformation (16,72,72,72)
+    # OASIS cc_grad_1.0 defaults: features (8,40,40,40), deformation (16,72,72,72)
+    net = SITReg(spatial_dims=3, mixed_precision=mode == "inference, bfloat16 convolutions")
     moving = torch.rand(1, 1, *shape)
     fixed = torch.rand(1, 1, *shape)
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        if train:
+        if mode == "train":
             net.zero_grad(set_to_none=True)
             forward_ddf, inverse_ddf = net.forward_and_inverse(moving, fixed)
             (forward_ddf.square().mean() + inverse_ddf.square().mean()).backward()
         else:
             with torch.no_grad():
-                net.forward_and_inverse(moving, fixed)
+                outputs = net.forward_and_inverse(moving, fixed)
         seconds.append(time.perf_counter() - start)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
-    return {"first_seconds": seconds[0], "steady_seconds": seconds[1], "peak_rss_gb": peak_gb}
+    result = {"first_seconds": seconds[0], "steady_seconds": seconds[1]}
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+    if net.mixed_precision:
+        net.mixed_precision = False
+        with torch.no_grad():
+            reference = net.forward_and_inverse(moving, fixed)
+        result["max_difference_voxels"] = max(float((o - r).abs().max()) for o, r in zip(outputs, reference))
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=3, default=[160, 144, 192])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", type=int, nargs=3, default=[160, 144, 192], help="image shape (OASIS: 160 144 192)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each measurement (default 2)")
     parser.add_argument("--train", action="store_true", help="also measure one forward+backward step")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also measure inference with bfloat16 convolutions (mixed_precision=True)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.shape, args.child == "train", args.threads)))
+        print(json.dumps(_measure(args.shape, args.child, args.threads)))
         return
-    modes = ["inference"] + (["train"] if args.train else [])
+    modes = ["inference"] + (["inference, bfloat16 convolutions"] if args.bf16 else []) + (["train"] if args.train else [])
     rows = []
     for mode in modes:
         cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads), "--shape", *map(str, args.shape)]
@@ -79,6 +91,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for mode, r in rows:
         print(f"| ours, {mode} | {r['first_seconds']:.2f} | {r['steady_seconds']:.2f} | {r['peak_rss_gb']:.2f} |")
+    for mode, r in rows:
+        if "max_difference_voxels" in r:
+            print(f"{mode}: DDFs within {r['max_difference_voxels']:.2e} voxel of float32 (random weights)")
     if args.shape == [160, 144, 192]:
         print(f"| reference, inference (2026-12-06) | {REFERENCE['seconds']:.1f} | | {REFERENCE['peak_rss_gb']:.2f} |")
         print(f"| target, inference | {TARGET['seconds']:.1f} | | {TARGET['peak_rss_gb']:.2f} |")

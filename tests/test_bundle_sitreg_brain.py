@@ -108,7 +108,7 @@ def test_saturation_penalty_is_the_mean_squared_pre_tanh_of_every_block():
     batch = {key: value[None] for key, value in dataset[0].items()}
     captured = []
     for block in network.deformation_blocks.values():
-        block.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
+        block.register_forward_hook(lambda module, inputs, output: captured.extend(o.detach() for o in output))
     weight = 0.5
 
     class Engine:

@@ -330,6 +330,71 @@ def test_threaded_point_chunks_equal_single_thread_sampling():
     assert torch.equal(single, chunked)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape,threads", [((23, 18, 21), 1), ((23, 18, 21), 3), ((17, 19), 2)])
+def test_displacement_accumulate_and_blocks_equal_the_plain_expression(monkeypatch, shape, dtype, threads):
+    """sample(v, x, displacement=d, accumulate=a) is a + sample(v, x + d) bit for bit, for point blocks of every
+    size (several blocks, thread chunks, a last block that does not split evenly), batch broadcasting included."""
+    n = len(shape)
+    generator = torch.Generator().manual_seed(3)
+    volume = torch.randn(2, 3, *shape, generator=generator, dtype=dtype)
+    grid = voxel_grid(shape, dtype)[None]
+    disp = 3 * torch.randn(2, n, *shape, generator=generator, dtype=dtype)
+    addend = torch.randn(2, 3, *shape, generator=generator, dtype=dtype)
+    expected = addend + F.grid_sample(
+        volume.permute(0, 1, *range(n + 1, 1, -1)),
+        ((grid + disp) / torch.tensor([(s - 1) / 2 for s in shape], dtype=dtype).view(1, n, *[1] * n) - 1)
+        .movedim(1, -1)
+        .reshape(2, -1, *[1] * (n - 1), n),
+        padding_mode="border",
+        align_corners=True,
+    ).reshape(2, 3, *shape)
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(sampling, "_MIN_POINTS_PER_THREAD", 7)
+        for block in (1 << 22, 6 * 1000 + 6, 6 * 1001):  # one block; many blocks; blocks not a multiple of threads
+            monkeypatch.setattr(sampling, "_BLOCK_ELEMENTS", block)
+            assert torch.equal(sample(volume, grid, displacement=disp, accumulate=addend), expected)
+            assert torch.equal(sample(volume, grid + disp) + addend, expected)
+            single = sample(volume[:1], grid, displacement=disp[:1], accumulate=addend[:1])
+            assert torch.equal(single, expected[:1])  # batch 1: the threaded chunks of points
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def test_out_may_be_the_displacement_or_accumulated_field(monkeypatch):
+    """out= writes in place block by block: composing a field in its own memory (out = displacement = accumulate,
+    as a chain of DDFs does) gives the out-of-place result; out= is refused where it cannot be honoured."""
+    monkeypatch.setattr(sampling, "_BLOCK_ELEMENTS", 6 * 500)  # many blocks: later ones read after earlier writes
+    shape = (12, 11, 10)
+    grid = voxel_grid(shape, F64)[None]
+    outer, inner = _smooth_field(shape, 2.0), _smooth_field(shape, 2.0)
+    expected = inner + sample(outer, grid + inner)
+    result = inner.clone()
+    returned = sample(outer, grid, displacement=result, accumulate=result, out=result)
+    assert returned is result and torch.equal(result, expected)
+    assert torch.allclose(result, compose(outer, inner), atol=1e-12)
+    with pytest.raises(ValueError, match="out must not share memory with the sampled volume"):
+        sample(outer, grid, displacement=inner, out=outer)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float64 tensor of shape"):
+        sample(outer, grid, out=torch.empty(1, 3, 12, 11, dtype=F64))
+    with pytest.raises(ValueError, match="out= is not supported with autograd"):
+        sample(outer, grid, displacement=inner.clone().requires_grad_(), out=torch.empty_like(inner))
+    with pytest.raises(ValueError, match="displacement .* and coords .* differ in shape"):
+        sample(outer, grid, displacement=inner[..., :5])
+
+
+def test_displacement_and_accumulate_are_differentiable():
+    volume = torch.randn(1, 2, 4, 5, 3, dtype=F64, requires_grad=True)
+    coords = torch.rand(1, 3, 6, dtype=F64) * 2 + 0.25
+    disp = (torch.rand(1, 3, 6, dtype=F64) * 0.5).requires_grad_()
+    addend = torch.randn(1, 2, 6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, d, a: sample(v, coords, displacement=d, accumulate=a), (volume, disp, addend)
+    )
+
+
 def test_itk_padding_half_voxel_band():
     """padding="itk": border-replicated inside [-0.5, size - 0.5) on every axis, 0 beyond (ITK / ANTs resampling)."""
     volume = torch.arange(4 * 3 * 2, dtype=torch.float64).reshape(1, 1, 4, 3, 2)

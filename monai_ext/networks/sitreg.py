@@ -46,7 +46,7 @@ from monai_ext.spatial.affine import affine_matrix_from_parameters
 from monai_ext.spatial.bspline import bspline_upsample, control_point_bound
 from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_centered_normalized
 from monai_ext.spatial.inversion import AndersonSolver, DDFInversion
-from monai_ext.spatial.sampling import sample, upsample_ddf, voxel_grid
+from monai_ext.spatial.sampling import all_finite, sample, upsample_ddf, voxel_grid
 
 __all__ = [
     "SITRegEncoder",
@@ -75,7 +75,14 @@ class _CentredGroupNorm(nn.GroupNorm):
     * the memory layout of ``x`` is kept.
 
     Gradients are those of these elementwise ops and reductions (the same function as ``nn.GroupNorm``).
+    With ``inplace=True`` and no autograd the input is normalised in its own memory (for an input nothing else
+    reads, such as a convolution's output), and the squares are summed a few slices at a time: a full-size
+    temporary costs more in page faults than its arithmetic on a CPU.
     """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, inplace: bool = False):
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels = x.shape[:2]
@@ -87,17 +94,28 @@ class _CentredGroupNorm(nn.GroupNorm):
         def per_channel(group_values: torch.Tensor) -> torch.Tensor:  # (B, G) -> (B, C, 1, ...)
             return group_values[:, :, None].expand(batch, groups, per_group).reshape(batch, channels, *ones)
 
+        tracked = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         mean = x.mean(dim=dims).view(batch, groups, per_group).mean(-1)
-        centred = x - per_channel(mean)
-        var = centred.square().mean(dim=dims).view(batch, groups, per_group).mean(-1)
+        if tracked or not self.inplace:
+            centred = x - per_channel(mean)
+            square_sums = centred.square().sum(dim=dims)
+        else:
+            centred = x.sub_(per_channel(mean))
+            rows = max(1, _SQUARE_CHUNK // max(1, x[:, :, 0].numel()))
+            square_sums = sum(part.square().sum(dim=dims) for part in centred.split(rows, dim=2))
+        var = (square_sums / math.prod(x.shape[2:])).view(batch, groups, per_group).mean(-1)
         scale = per_channel((var + self.eps).rsqrt())
         if self.weight is not None:
             scale = scale * self.weight.view(1, channels, *ones)
         bias = None if self.bias is None else self.bias.view(1, channels, *ones)
-        if torch.is_grad_enabled():
+        if tracked:
             return centred * scale if bias is None else torch.addcmul(bias, centred, scale)
-        centred.mul_(scale)  # no autograd: the temporary becomes the output
+        centred.mul_(scale)  # no autograd: the temporary (or the input) becomes the output
         return centred if bias is None else centred.add_(bias)
+
+
+# elements per part when the squares of a GroupNorm input are summed part by part (8 MiB in float32)
+_SQUARE_CHUNK = 1 << 21
 
 
 def _conv_block(
@@ -106,7 +124,8 @@ def _conv_block(
     """``n_convolutions`` x [3^n conv (zero padding 1, bias) -> GroupNorm(groups) if ``groups`` -> ReLU].
 
     The ReLU works in place on the conv / GroupNorm output (neither backward needs that output). The
-    GroupNorm is :class:`_CentredGroupNorm` (``nn.GroupNorm`` with float32-accurate statistics).
+    GroupNorm is :class:`_CentredGroupNorm` (``nn.GroupNorm`` with float32-accurate statistics), which without
+    autograd normalises the conv output in place.
     """
     norm = ("group", {"num_groups": groups}) if groups else None
     units = [
@@ -125,7 +144,7 @@ def _conv_block(
     if groups:
         for unit in units:
             native = unit.adn.N
-            unit.adn.N = _CentredGroupNorm(native.num_groups, native.num_channels, native.eps, native.affine)
+            unit.adn.N = _CentredGroupNorm(native.num_groups, native.num_channels, native.eps, native.affine, inplace=True)
     return nn.Sequential(*units)
 
 
@@ -247,8 +266,26 @@ def _use_bfloat16(mixed_precision: bool | str, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-# elements of the widest activation of one slab in a slab-wise deformation-block evaluation (64 MiB in float32)
-_SLAB_ELEMENTS = 1 << 24
+# elements of one activation of a slab in a slab-wise deformation-block evaluation (28 MiB in float32: below the
+# 32 MiB above which glibc maps fresh pages for every allocation, so the slabs reuse recycled memory)
+_SLAB_ELEMENTS = 7 << 20
+
+
+def _rows_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, edges: tuple[bool, bool]) -> torch.Tensor:
+    """A 3^n convolution (stride 1, zero padding 1) of rows ``x`` of a volume along its first spatial axis.
+
+    ``edges``: whether the first / last row of ``x`` is the volume's edge (zero padded, as in the whole-volume
+    convolution) or an inner row whose neighbour is absent (not padded: the output loses that row, which a
+    whole-volume convolution could not compute from ``x`` alone). Other axes are zero padded.
+    """
+    n = x.ndim - 2
+    conv = (F.conv2d, F.conv3d)[n - 2]
+    if edges[0] == edges[1]:
+        return conv(x, weight, bias, padding=(int(edges[0]),) + (1,) * (n - 1))
+    # one edge of each kind: padded on both sides, the row computed from the padding at the halo side dropped
+    # (an explicitly padded copy would make PyTorch fall back to its slow non-oneDNN convolution)
+    out = conv(x, weight, bias, padding=1)
+    return out[:, :, :-1] if edges[0] else out[:, :, 1:]
 
 
 class SITRegDeformationBlock(nn.Module):
@@ -284,40 +321,65 @@ class SITRegDeformationBlock(nn.Module):
         self.final_conv = Convolution(spatial_dims, features, spatial_dims, kernel_size=1, conv_only=True)
         # voxels one slab of a slab-wise evaluation needs on each side: one per 3^n convolution
         self.halo = int(convolutions)
-        self.width = max(2 * int(in_channels), int(features))  # channels of the widest activation
+        self.width = int(features)  # channels of one activation
         self.normalized = groups is not None
         self.upsampling_factor = int(upsampling_factor)
         factors = (self.upsampling_factor,) * spatial_dims
         self.max_control_point = float(control_point_multiplier) * float(control_point_bound(factors))
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Pre-tanh control-point values ``(B, n, *level_shape)`` of ``U(a, b)`` (features ``(B, C_k, *level_shape)``).
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-tanh control-point values ``(B, n, *level_shape)`` of ``U(a, b)`` and ``U(b, a)``.
 
-        ``U(b, a)`` sees ``b + a``, bit-identical to ``a + b`` (floating-point addition is commutative), and
-        ``b - a = -(a - b)`` exactly, which makes the network exactly symmetric.
+        ``a``, ``b``: features ``(B, C_k, *level_shape)`` of the two images at this level. The first convolution
+        is linear in its input ``cat(a - b, a + b)``: with its weight split as ``[W_d | W_s]`` over those two
+        halves, ``U(a, b)`` starts from ``S + D`` and ``U(b, a)`` from ``S - D``, where ``S = W_s * (a + b) + bias``
+        and ``D = W_d * (a - b)``; both directions share these two half-width convolutions (half the cost of
+        two full first convolutions). Swapping ``a`` and ``b`` leaves ``S`` bit-identical (``b + a = a + b``) and
+        negates ``D`` exactly, so it swaps the two outputs bit for bit (the network is exactly symmetric).
 
         Without autograd and without GroupNorm, large inputs are evaluated in slabs along the first
-        spatial axis, each with a halo of ``halo`` voxels (the receptive field of the 3^n convolutions),
-        so that no full-size activation of the block exists at once; every output voxel sees exactly
-        the inputs of the whole-volume evaluation.
+        spatial axis, each with a halo of ``halo`` rows (the receptive field of the 3^n convolutions; each
+        convolution consumes one halo row per side), so that no full-size activation of the block exists at
+        once; every output voxel sees exactly the inputs of the whole-volume evaluation.
         """
         depth = a.shape[2]
         slab = depth
         if not (torch.is_grad_enabled() or self.normalized):
             slice_elements = a.shape[0] * self.width * math.prod(a.shape[3:])
-            n_slabs = -(-depth * slice_elements // _SLAB_ELEMENTS)
-            slab = -(-depth // max(1, n_slabs))
+            n_slabs = -(-depth // max(1, _SLAB_ELEMENTS // slice_elements))
+            slab = -(-depth // n_slabs)  # slabs of equal thickness
         if slab >= depth:
-            return self._pre_tanh(a, b)
-        out = torch.empty((a.shape[0], a.ndim - 2, *a.shape[2:]), dtype=a.dtype, device=a.device)
+            return self._pre_tanh(a, b, (True, True))
+        shape = (a.shape[0], a.ndim - 2, *a.shape[2:])
+        out_fwd, out_rev = a.new_empty(shape), a.new_empty(shape)
         for start in range(0, depth, slab):
             stop = min(start + slab, depth)
             low, high = max(start - self.halo, 0), min(stop + self.halo, depth)
-            out[:, :, start:stop] = self._pre_tanh(a[:, :, low:high], b[:, :, low:high])[:, :, start - low : stop - low]
-        return out
+            edges = (low == 0, high == depth)
+            fwd, rev = self._pre_tanh(a[:, :, low:high], b[:, :, low:high], edges)
+            first = low if edges[0] else start  # first row of the outputs
+            out_fwd[:, :, start:stop] = fwd[:, :, start - first : stop - first]
+            out_rev[:, :, start:stop] = rev[:, :, start - first : stop - first]
+        return out_fwd, out_rev
 
-    def _pre_tanh(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.final_conv(self.block(_channels_last(torch.cat((a - b, a + b), dim=1))))
+    def _pre_tanh(self, a: torch.Tensor, b: torch.Tensor, edges: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on rows of the level along its first spatial axis; ``edges``: whether the first / last row is
+        the level's own edge (zero padding beyond, as in the whole-level convolutions) or a halo row."""
+        first, *rest = self.block
+        weight, channels = first.conv.weight, a.shape[1]
+        # (contiguous weight halves: oneDNN would fall back to a slow layout for strided weights)
+        shared = _rows_conv(_channels_last(a + b), weight[:, channels:].contiguous(), first.conv.bias, edges)
+        odd = _rows_conv(_channels_last(a - b), weight[:, :channels].contiguous(), None, edges)
+        starts = [shared + odd]  # S + D, then S - D in D's memory
+        starts.append(odd.neg_().add_(shared))
+        del shared, odd
+        outputs = []
+        while starts:
+            out = first.adn(starts.pop(0))
+            for unit in rest:
+                out = unit.adn(_rows_conv(out, unit.conv.weight, unit.conv.bias, edges))
+            outputs.append(self.final_conv(out))
+        return outputs[0], outputs[1]
 
     def control_points(self, pre_tanh: torch.Tensor) -> torch.Tensor:
         """Bounded control points ``max_control_point * tanh(pre_tanh)`` (level voxel units)."""
@@ -408,13 +470,17 @@ def _apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return mapped.reshape(matrix.shape[0], n, *points.shape[2:])
 
 
-def _chain(points: torch.Tensor, disp: torch.Tensor | None, maps: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def _chain(
+    points: torch.Tensor, disp: torch.Tensor | None, maps: Sequence[torch.Tensor | None], inplace: bool = False
+) -> torch.Tensor:
     """Displacement at ``points`` of ``maps[-1] o ... o maps[0] o (x + disp)``, evaluated lazily (nested).
 
     ``points`` ``(1|B, n, *out)`` voxel coordinates; ``disp`` the displacement already applied (``None``:
     none); each map is a full-resolution voxel DDF ``(B, n, *spatial)`` (sampled multilinearly, border),
-    a voxel affine ``(B, n + 1, n + 1)``, or ``None`` (identity, skipped).
+    a voxel affine ``(B, n + 1, n + 1)``, or ``None`` (identity, skipped). With ``inplace`` (no autograd)
+    the result is written into ``disp``'s memory.
     """
+    owned = inplace  # whether disp may be overwritten (made here, or given up by the caller)
     for m in maps:
         if m is None:
             continue
@@ -422,8 +488,9 @@ def _chain(points: torch.Tensor, disp: torch.Tensor | None, maps: Sequence[torch
             current = points if disp is None else points + disp
             disp = _apply_affine(m, current) - points
         else:
-            step = sample(m, points if disp is None else points + disp)
-            disp = step if disp is None else disp + step
+            out = disp if owned and not torch.is_grad_enabled() else None
+            disp = sample(m, points, displacement=disp, accumulate=disp, out=out)
+        owned = True
     if disp is None:
         raise ValueError("cannot evaluate an identity chain")
     return disp
@@ -588,7 +655,7 @@ class SITReg(nn.Module):
                 raise ValueError(f"{name} must have in_channels={self.in_channels} channels, got {image.shape[1]}")
             if not image.is_floating_point():
                 raise ValueError(f"{name} must be a floating point tensor, got {image.dtype}")
-            if not torch.isfinite(image).all():
+            if not all_finite(image):
                 raise ValueError(f"{name} contains non-finite values")
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
@@ -616,13 +683,13 @@ class SITReg(nn.Module):
 
     def _convolve(self, module: Callable[..., Any], *inputs: torch.Tensor) -> Any:
         """``module(*inputs)``, under bfloat16 autocast with ``mixed_precision`` (outputs cast back to the inputs'
-        dtype: a tensor or a list of tensors)."""
+        dtype: a tensor, or a list or tuple of tensors)."""
         if not _use_bfloat16(self.mixed_precision, inputs[0].device):
             return module(*inputs)
         dtype = inputs[0].dtype
         with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
             out = module(*inputs)
-        return [o.to(dtype) for o in out] if isinstance(out, list) else out.to(dtype)
+        return type(out)(o.to(dtype) for o in out) if isinstance(out, (list, tuple)) else out.to(dtype)
 
     def _encode(self, image: torch.Tensor, drop_finest: bool) -> list[torch.Tensor | None]:
         """Encoder features of one image, finest first; level 0 replaced by ``None`` if ``drop_finest``."""
@@ -645,7 +712,10 @@ class SITReg(nn.Module):
             return features
         factor = 2 ** (level - self.transformation_level)
         centres = voxel_grid(features.shape[2:], features.dtype, features.device)[None] * factor + (factor - 1) / 2
-        mapped = _chain(centres, None, (chain, affine)).add_(centres)  # transformation-grid coordinates
+        if factor == 1 and chain is not None:  # the chain lives on this level's grid: no need to sample it there
+            mapped = centres + chain if affine is None else _chain(centres, chain, (affine,)).add_(centres)
+        else:
+            mapped = _chain(centres, None, (chain, affine)).add_(centres)  # transformation-grid coordinates
         del centres
         return sample(features, mapped.add_(0.5).div_(factor).sub_(0.5))
 
@@ -697,12 +767,13 @@ class SITReg(nn.Module):
         left_f = right_f = left_i = right_i = None
         levels: list[SITRegLevel] = []
         # Without return_intermediates every tensor is released after its last use (the `del`s below).
+        inplace = not (return_intermediates or torch.is_grad_enabled())
         for level in reversed(self.deformation_levels):
             block = self.deformation_blocks[str(level)]
             del features_1[level + 1 :], features_2[level + 1 :]  # levels already processed
             warped_1 = self._warp_features(self._pop_finest(features_1, moving), level, left_f, aff_f)
             warped_2 = self._warp_features(self._pop_finest(features_2, fixed), level, right_f, aff_i)
-            pre_fwd, pre_rev = self._convolve(block, warped_1, warped_2), self._convolve(block, warped_2, warped_1)
+            pre_fwd, pre_rev = self._convolve(block, warped_1, warped_2)
             control_fwd, control_rev = block.control_points(pre_fwd), block.control_points(pre_rev)
             if not return_intermediates:
                 del warped_1, warped_2, pre_fwd, pre_rev
@@ -712,19 +783,21 @@ class SITReg(nn.Module):
                 del control_fwd, control_rev
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
             grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]  # (not held during the inversions)
-            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed
+            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed; without
+            # autograd and intermediates every chain is updated in its own memory (the inverses become F and I)
             if left_i is not None:
-                left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev))
-                right_i = _chain(grid, right_i, (inverse_rev, atomic_fwd))
-            update_fwd = _chain(grid, inverse_rev, (atomic_fwd,))
-            update_inv = _chain(grid, inverse_fwd, (atomic_rev,))
+                left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev), inplace)
+                right_i = _chain(grid, right_i, (inverse_rev, atomic_fwd), inplace)
+            update_fwd = _chain(grid, inverse_rev, (atomic_fwd,), inplace)
+            update_inv = _chain(grid, inverse_fwd, (atomic_rev,), inplace)
             if not return_intermediates:
                 del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev
-            if left_f is None:
-                left_f, right_f, left_i, right_i = update_fwd, update_inv, update_inv, update_fwd
+            if left_f is None:  # (separate copies of the chains that are updated in place)
+                left_f, right_f = update_fwd, update_inv
+                left_i, right_i = (update_inv.clone(), update_fwd.clone()) if inplace else (update_inv, update_fwd)
             else:
-                left_f = _chain(grid, update_fwd, (left_f,))
-                right_f = _chain(grid, update_inv, (right_f,))
+                left_f = _chain(grid, update_fwd, (left_f,), inplace)
+                right_f = _chain(grid, update_inv, (right_f,), inplace)
             if return_intermediates:
                 cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
                 levels.append(

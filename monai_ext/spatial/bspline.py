@@ -29,6 +29,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from monai_ext.spatial.sampling import all_finite
+
 __all__ = ["cubic_bspline", "control_point_bound", "bspline_upsample"]
 
 
@@ -146,7 +148,7 @@ def bspline_upsample(
         ``factors[i]``), same dtype and device as ``control_points``; the map it defines is ``x -> x + u(x)``.
 
     Exact, separable evaluation: per axis one small ``(out, in)`` weight matrix (border replication folded in)
-    contracted with ``torch.tensordot``; differentiable w.r.t. ``control_points``.
+    applied by a matrix product; differentiable w.r.t. ``control_points``.
     """
     if not isinstance(control_points, torch.Tensor):
         raise TypeError(f"control_points must be a torch.Tensor, got {type(control_points).__name__}")
@@ -160,7 +162,7 @@ def bspline_upsample(
         raise ValueError(f"control_points must be floating point, got {control_points.dtype}")
     if any(s < 1 for s in control_points.shape[2:]):
         raise ValueError(f"control_points has an empty spatial axis: {tuple(control_points.shape)}")
-    if not torch.isfinite(control_points).all():
+    if not all_finite(control_points.detach()):
         raise ValueError("control_points contains non-finite values")
     factors = _positive_ints([factors] * n if np.ndim(factors) == 0 else factors, "factors")
     if len(factors) != n:
@@ -171,8 +173,13 @@ def bspline_upsample(
 
     scale = torch.tensor(factors, dtype=control_points.dtype, device=control_points.device)
     out = control_points * scale.view(1, n, *([1] * n))
-    for n_in, factor, n_out in zip(control_points.shape[2:], factors, output_shape):
-        weights = torch.from_numpy(_upsampling_matrix(n_in, factor, n_out))
-        # contracting the leading spatial axis moves the new axis last: after n steps the order is restored
-        out = torch.tensordot(out, weights.to(out), dims=([2], [1]))
+    # last axis first, each contraction a (batched) matrix product on the tensor's own layout (no permuted copies)
+    for axis in reversed(range(n)):
+        weights = torch.from_numpy(_upsampling_matrix(out.shape[2 + axis], factors[axis], output_shape[axis])).to(out)
+        lead, trail = out.shape[: 2 + axis], out.shape[3 + axis :]
+        if trail:
+            folded = out.reshape(-1, out.shape[2 + axis], math.prod(trail))
+            out = torch.matmul(weights, folded).view(*lead, weights.shape[0], *trail)
+        else:
+            out = torch.matmul(out, weights.T)
     return out

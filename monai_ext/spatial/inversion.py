@@ -63,9 +63,13 @@ class StopCriterion(ABC):
                 f"min_iterations must be in [0, max_iterations={self.max_iterations}], got {self.min_iterations}"
             )
 
-    @abstractmethod
     def residual(self, x: torch.Tensor, gx: torch.Tensor) -> float:
         """Size of the residual ``gx - x`` (``gx = g(x)``) compared with ``threshold``."""
+        return self.residual_of(gx - x, gx)
+
+    @abstractmethod
+    def residual_of(self, difference: torch.Tensor, gx: torch.Tensor) -> float:
+        """:meth:`residual` from the difference ``gx - x`` already formed (the solver keeps it anyway)."""
 
     def should_stop(self, n_evaluations: int, residual: float) -> bool:
         """Whether to stop after ``n_evaluations`` evaluations whose last residual is ``residual``."""
@@ -82,8 +86,9 @@ class StopCriterion(ABC):
 class MaxAbsResidual(StopCriterion):
     """Stop when ``max |g(x) - x| < threshold`` (units of ``x``, e.g. voxels)."""
 
-    def residual(self, x: torch.Tensor, gx: torch.Tensor) -> float:
-        return float((gx - x).abs().max())
+    def residual_of(self, difference: torch.Tensor, gx: torch.Tensor) -> float:
+        low, high = torch.aminmax(difference)  # max |d| without a temporary (NaN propagates)
+        return float(torch.maximum(-low, high))
 
 
 @dataclass
@@ -92,8 +97,8 @@ class RelativeL2Residual(StopCriterion):
 
     epsilon: float = 1e-5
 
-    def residual(self, x: torch.Tensor, gx: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(gx - x) / (self.epsilon + torch.linalg.vector_norm(gx)))
+    def residual_of(self, difference: torch.Tensor, gx: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(difference) / (self.epsilon + torch.linalg.vector_norm(gx)))
 
 
 class AndersonSolver:
@@ -133,8 +138,9 @@ class AndersonSolver:
             f"matrix_epsilon={self.matrix_epsilon})"
         )
 
-    def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        """Next iterate ``(B, 1, N)`` from stored images ``gs`` and residuals ``fs`` ``(B, k, N)``, ``gram = fs fs^T``."""
+    def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Next iterate ``(B, 1, N)`` from stored images ``gs`` and residuals ``fs`` ``(B, k, N)``, ``gram = fs fs^T``,
+        written into ``out``."""
         batch, k = gs.shape[:2]
         system = gs.new_zeros((batch, k + 1, k + 1))
         system[:, 0, 1:] = 1
@@ -143,23 +149,29 @@ class AndersonSolver:
         target = gs.new_zeros((batch, k + 1, 1))
         target[:, 0] = 1
         alpha = torch.linalg.solve(system, target)[:, 1:].transpose(1, 2)  # (B, 1, k)
-        mixed = torch.bmm(alpha, gs)  # sum_i a_i g(x_i)
+        mixed = torch.bmm(alpha, gs, out=out)  # sum_i a_i g(x_i)
         if self.beta != 1.0:  # beta * sum a_i g_i + (1 - beta) * sum a_i x_i, with x_i = g_i - f_i
-            mixed = mixed - (1.0 - self.beta) * torch.bmm(alpha, fs)
+            mixed.sub_(torch.bmm(alpha, fs), alpha=1.0 - self.beta)
         return mixed
 
     def solve(self, g: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
         """Solve ``x = g(x)`` from ``x0`` (``(B, ...)``, detached); returns the last output of ``g``.
 
-        ``g`` must map a ``(B, ...)`` tensor to one of the same shape. Emits :class:`ConvergenceWarning`
+        The iterates are written into the memory of ``x0`` (when contiguous), which is therefore overwritten:
+        pass a tensor that is not needed afterwards (such as ``-ddf``).
+
+        ``g`` must map a ``(B, ...)`` tensor to one of the same shape; its output is not used after the next call
+        of ``g`` (which may reuse its memory). Emits :class:`ConvergenceWarning`
         when ``max_iterations`` is reached with the residual above the threshold.
 
         The history is kept in ring buffers of the last ``memory`` images ``g(x_i)`` and residuals
         ``g(x_i) - x_i``, and the residual Gram matrix is updated by one row and column per evaluation.
         """
-        x = x0.detach()
-        batch, shape, m = x.shape[0], x.shape, self.memory
-        # allocated lazily by the OS: slots never reached (fast convergence) cost no memory
+        batch, shape, m = x0.shape[0], x0.shape, self.memory
+        # the iterate lives in one buffer, and the history in ring buffers of the last ``memory`` images g(x_i)
+        # and residuals g(x_i) - x_i, allocated lazily by the OS (slots never reached cost no memory): no
+        # per-iteration allocation of field-sized tensors
+        x = x0.detach().contiguous()
         gs = x.new_empty((batch, m, x[0].numel()))
         fs = torch.empty_like(gs)
         gram = x.new_zeros((batch, m, m))
@@ -169,19 +181,22 @@ class AndersonSolver:
             if gx.shape != shape:
                 raise ValueError(f"g must preserve the shape {tuple(shape)}, returned {tuple(gx.shape)}")
             n += 1
-            residual = self.stop.residual(x, gx)
+            f = x.view(batch, -1).sub_(gx.reshape(batch, -1)).neg_()  # g(x) - x, in x's memory (x is not needed again)
+            residual = self.stop.residual_of(f, gx)
             if self.stop.should_stop(n, residual):
                 break
-            slot = (n - 1) % m
-            torch.sub(gx.reshape(batch, -1), x.reshape(batch, -1), out=fs[:, slot])
-            gs[:, slot] = gx.reshape(batch, -1)  # (x may be a view of this slot: written after its last use)
+            slot = (n - 1) % m  # (a slot is first touched only when it is needed)
+            fs[:, slot] = f
+            gs[:, slot] = gx.reshape(batch, -1)
             del gx
             k = min(n, m)
             row = torch.bmm(fs[:, :k], fs[:, slot, :, None])[..., 0]  # (B, k): f_i . f_slot
             gram[:, slot, :k] = row
             gram[:, :k, slot] = row
-            x = gs[:, slot] if k == 1 else self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k])
-            x = x.reshape(shape)
+            if k == 1:
+                x.view(batch, -1).copy_(gs[:, slot])
+            else:
+                self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k], out=x.view(batch, 1, -1))
         self.last_iterations, self.last_residual = n, residual
         if not self.stop.converged(residual):
             warnings.warn(
@@ -201,9 +216,10 @@ def _default_backward_solver() -> AndersonSolver:
     return AndersonSolver(RelativeL2Residual(threshold=1e-2, min_iterations=2, max_iterations=50), memory=4)
 
 
-def _inversion_step(ddf: torch.Tensor, grid: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One fixed-point map ``g(v) = -ddf(x + v)`` (multilinear, border) on grid points ``x``."""
-    return sample(ddf, grid + v).neg_()
+def _inversion_step(ddf: torch.Tensor, grid: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One fixed-point map ``g(v) = -ddf(x + v)`` (multilinear, border) on grid points ``x``, optionally written
+    into ``out`` (no autograd)."""
+    return sample(ddf, grid, displacement=v, out=out).neg_()
 
 
 class _InvertDDF(torch.autograd.Function):
@@ -212,7 +228,9 @@ class _InvertDDF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, forward_solver: AndersonSolver, backward_solver: AndersonSolver):
         grid = voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None]
-        v = forward_solver.solve(lambda v: _inversion_step(ddf, grid, v), -ddf)
+        # every g(v) is written into one buffer: the solver copies what it keeps before the next evaluation
+        out = torch.empty_like(ddf, memory_format=torch.contiguous_format)
+        v = forward_solver.solve(lambda v: _inversion_step(ddf.detach(), grid, v, out), -ddf.detach())
         ctx.backward_solver = backward_solver
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(ddf, v)

@@ -13,6 +13,7 @@ Conventions used throughout ``monai_ext`` (the same as MONAI's ``Warp``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -28,6 +29,7 @@ __all__ = [
     "compose",
     "affine_to_ddf",
     "check_ddf",
+    "all_finite",
     "upsample_ddf",
     "downsample_ddf",
 ]
@@ -49,8 +51,17 @@ def check_ddf(ddf: torch.Tensor, name: str = "ddf") -> None:
     n = ddf.ndim - 2
     if n not in (2, 3) or ddf.shape[1] != n:
         raise ValueError(f"{name} must have shape (B, n, *spatial) with n = len(spatial) in (2, 3), got {tuple(ddf.shape)}")
-    if not torch.isfinite(ddf.detach()).all():
+    if not all_finite(ddf.detach()):
         raise ValueError(f"{name} contains non-finite values")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()`` in one reduction without temporaries: the range ``aminmax`` is finite
+    (NaN propagates into it). Integer tensors are finite; an empty tensor is."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(low > -math.inf and high < math.inf)
 
 
 def voxel_grid(
@@ -62,7 +73,14 @@ def voxel_grid(
 
 
 def sample(
-    volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", padding: str = "border"
+    volume: torch.Tensor,
+    coords: torch.Tensor,
+    mode: str = "linear",
+    padding: str = "border",
+    *,
+    displacement: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample ``volume`` at voxel coordinates.
 
@@ -76,6 +94,13 @@ def sample(
             voxel centres, ``grid_sample``'s zeros), or ``"itk"``: ITK's resampling convention (also that of
             ``antsApplyTransforms``), border-replicated interpolation for points within half a voxel outside
             the grid (continuous index in ``[-0.5, size - 0.5)`` on every axis) and 0 beyond.
+        displacement: optional ``(B, n, *out)`` voxel displacement: the points sampled are
+            ``coords + displacement`` (e.g. a grid and a DDF), formed directly in the sampling grid.
+        accumulate: optional ``(B, C, *out)`` tensor added to the samples (the result is
+            ``accumulate + samples``, e.g. a DDF composed with the sampled one).
+        out: optional contiguous tensor of the result's shape and dtype to write the result into; it may be
+            ``accumulate`` or ``displacement`` themselves (each block of points is read before it is
+            written), never ``volume``. Not with autograd.
 
     Returns:
         ``(B, C, *out)``.
@@ -86,41 +111,107 @@ def sample(
     n = volume.ndim - 2
     if n not in (2, 3):
         raise ValueError(f"volume must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(volume.shape)}")
-    if coords.ndim < 2 or coords.shape[1] != n:
-        raise ValueError(f"coords must be (B, {n}, ...) voxel coordinates, got {tuple(coords.shape)}")
+    for name, points in (("coords", coords), ("displacement", displacement)):
+        if points is not None and (points.ndim < 2 or points.shape[1] != n):
+            raise ValueError(f"{name} must be (B, {n}, ...) voxel coordinates, got {tuple(points.shape)}")
+    if displacement is not None and displacement.shape[2:] != coords.shape[2:]:
+        raise ValueError(f"displacement {tuple(displacement.shape)} and coords {tuple(coords.shape)} differ in shape")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
     if padding not in _PADDINGS:
         raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
     if padding == "itk":
+        if displacement is not None:
+            coords = coords + displacement
         sizes = torch.tensor(volume.shape[2:], dtype=coords.dtype, device=coords.device).view(1, n, *([1] * (coords.ndim - 2)))
         inside = ((coords >= -0.5) & (coords < sizes - 0.5)).all(1, keepdim=True)
-        return sample(volume, coords, mode, "border") * inside.to(volume.dtype if volume.is_floating_point() else coords.dtype)
-    if len({int(volume.shape[0]), int(coords.shape[0])} - {1}) > 1:  # int(): traced sizes are tensors
+        result = sample(volume, coords, mode, "border") * inside.to(volume.dtype if volume.is_floating_point() else coords.dtype)
+        result = result if accumulate is None else accumulate + result
+        return result if out is None else out.copy_(result)
+    batches = {int(t.shape[0]) for t in (volume, coords, displacement) if t is not None}  # int(): traced sizes
+    if len(batches - {1}) > 1:
         raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
-    batch = max(volume.shape[0], coords.shape[0])
+    batch = max(batches)
     if not volume.is_floating_point():
         volume = volume.to(coords.dtype)
-    out_shape = coords.shape[2:]
+    channels, out_shape = volume.shape[1], coords.shape[2:]
     points = coords.reshape(coords.shape[0], n, -1)
+    offsets = None if displacement is None else displacement.reshape(displacement.shape[0], n, -1)
+    grid_batch = max(points.shape[0], 1 if offsets is None else offsets.shape[0])
+    addend = None
+    if accumulate is not None:
+        addend = torch.broadcast_to(accumulate, (batch, channels, *out_shape)).reshape(batch, channels, -1)
     count = points.shape[2]
-    # align_corners=True normalisation, voxel i of an axis of size s -> 2 i / (s - 1) - 1 (any finite
-    # value for s == 1, where grid_sample reads index 0 whatever the coordinate)
-    halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[2:]], dtype=points.dtype, device=points.device)
-    normalized = (points / halves.view(1, n, 1)).sub_(1.0).to(volume.dtype)
-    chunks = _point_chunks(volume, batch, count)
-    if count % chunks:
-        normalized = F.pad(normalized, (0, chunks - count % chunks))
-    # grid_sample reads coordinate 0 along the *last* volume axis: reversing the volume's axes (a view)
-    # lets the coordinates keep the array axis order; the grid is a (transposed) view, as is the volume
-    spatial = tuple(range(n + 1, 1, -1))
-    volume = volume.permute(0, 1, *spatial).expand(batch * chunks, *volume.shape[1:2], *volume.shape[:1:-1])
-    grid = normalized.transpose(1, 2).expand(batch, -1, n).reshape(batch * chunks, -1, *([1] * (n - 1)), n)
-    out = F.grid_sample(volume, grid, mode=_MODES[mode], padding_mode=padding, align_corners=True)
-    del normalized, grid  # release the coordinates before the output is rearranged
-    if chunks > 1:  # batch is 1: the chunks of points back in order
-        out = out.reshape(chunks, volume.shape[1], -1).transpose(0, 1).reshape(1, volume.shape[1], -1)[..., :count]
-    return out.reshape(batch, volume.shape[1], *out_shape)
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (volume, points, offsets, addend)
+    )
+    dtype = volume.dtype if addend is None else torch.promote_types(volume.dtype, addend.dtype)
+    if out is not None:
+        _check_out(out, (batch, channels, *out_shape), dtype, volume, tracked)
+    # grid_sample reads coordinate 0 along the *last* volume axis: the volume's axes are reversed (a view) so
+    # that the coordinates keep the array axis order; align_corners=True normalisation of voxel i on an axis of
+    # size s: i / ((s - 1) / 2) - 1 (any finite value for s == 1, where grid_sample reads index 0)
+    volume = volume.permute(0, 1, *range(n + 1, 1, -1))
+    halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[:1:-1]], dtype=points.dtype, device=points.device)
+    minus_one = halves.new_full((), -1.0)
+
+    def samples_at(first: int, last: int) -> torch.Tensor:  # (B, C, last - first) samples, any strides
+        part = points[..., first:last]
+        if offsets is not None:
+            part = part + offsets[..., first:last]
+        size = last - first
+        chunks = _point_chunks(volume, batch, size)
+        if tracked:  # (out= has no autograd)
+            grid = torch.addcdiv(minus_one, part.transpose(1, 2), halves).to(volume.dtype).contiguous()
+            grid = F.pad(grid, (0, 0, 0, -size % chunks))  # (grid_batch, padded, n)
+        else:
+            grid = volume.new_empty((part.shape[0], size + -size % chunks, n))
+            grid[:, size:] = 0
+            torch.addcdiv(minus_one, part, halves.view(1, n, 1), out=grid[:, :size].transpose(1, 2))
+        samples = F.grid_sample(
+            volume.expand(batch * chunks, *volume.shape[1:]),
+            grid.expand(batch, -1, -1).reshape(batch * chunks, -1, *([1] * (n - 1)), n),
+            mode=_MODES[mode],
+            padding_mode=padding,
+            align_corners=True,
+        )
+        # (batch * chunks, C, points per chunk): the chunks back in order
+        samples = samples.view(batch, chunks, channels, -1).transpose(1, 2)
+        return samples.reshape(batch, channels, -1)[..., :size] if size % chunks else samples
+
+    if tracked:
+        samples = samples_at(0, count).reshape(batch, channels, count)
+        result = samples if addend is None else addend + samples
+        return result.reshape(batch, channels, *out_shape)
+    # without autograd, blocks of points whose temporaries stay small enough for the allocator to recycle
+    # (large fresh allocations cost page faults as slow as the sampling itself); results written in place
+    result = out if out is not None else volume.new_empty((batch, channels, *out_shape), dtype=dtype)
+    flat = result.view(batch, channels, count)
+    block = max(1, _BLOCK_ELEMENTS // ((n + channels) * max(batch, grid_batch)))
+    block += -block % max(1, torch.get_num_threads())
+    for first in range(0, count, block):
+        last = min(count, first + block)
+        samples = samples_at(first, last)
+        target = flat[..., first:last].view(samples.shape)
+        if addend is None:
+            target.copy_(samples)
+        else:
+            torch.add(addend[..., first:last].reshape(samples.shape), samples, out=target)
+    return result
+
+
+# elements of the grid and the samples of one block of points in a sampling without autograd (16 MiB in float32)
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, volume: torch.Tensor, tracked: bool) -> None:
+    """``sample(..., out=out)``: a contiguous tensor of the result's shape and dtype, not the sampled volume."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+    if out.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr():
+        raise ValueError("out must not share memory with the sampled volume (it is read while out is written)")
+    if tracked:
+        raise ValueError("out= is not supported with autograd")
 
 
 # fewest points per thread for which splitting a 3-D sampling over threads pays off
