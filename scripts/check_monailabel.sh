@@ -271,13 +271,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from monai_ext.label_app.atlas import bundle_network, load_atlas, propagate_atlas
+from monai_ext.io.native import load_image
+from monai_ext.label_app.atlas import bundle_network, bundle_refinement, load_atlas, propagate_atlas
 
 bundle, data, study, returned_path = sys.argv[1:5]
 spatial = [int(s) for s in sys.argv[5].split(",")]
 pixdim = float(sys.argv[6]) if sys.argv[6] else None
 atlas_image, atlas_label = load_atlas(f"{data}/moving.nii.gz", f"{data}/moving_label.nii.gz", spatial, pixdim)
-expected = propagate_atlas(bundle_network(bundle), atlas_image, atlas_label, study, spatial, pixdim)
+native_label = load_image(f"{data}/moving_label.nii.gz", label=True)
+expected = propagate_atlas(
+    bundle_network(bundle), atlas_image, atlas_label, study, spatial, pixdim, native_label, **bundle_refinement(bundle)
+)
 
 
 class Identity(torch.nn.Module):

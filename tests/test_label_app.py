@@ -222,18 +222,64 @@ def test_propagate_atlas_on_the_native_grid_by_hand(tmp_path, shift):
     np.testing.assert_allclose(pred.affine.numpy(), nib.load(image_path).affine, atol=1e-6)
 
 
+def test_native_atlas_label_is_sampled_once_on_the_request_grid(tmp_path):
+    """Atlas = the request file (LIA-like storage, 1.1-1.7 mm voxels), model grid of 2 mm voxels, zero DDF: every
+    native voxel maps to itself through world -> model grid -> world, so the native path returns the file's labels
+    voxel for voxel; the model-grid path (labels nearest-resampled to 2 mm and back) loses thin parts."""
+    import numpy as np
+
+    from monai_ext.io.native import load_image
+    from monai_ext.label_app.atlas import load_atlas
+
+    label = random_label_map((20, 18, 16), 6, sigma=1.0, seed=6)
+    label_path = _write(label.numpy().astype(np.int16), tmp_path / "label.nii.gz")
+    image_path = _write(synthesize_image(label, seed=6).numpy().astype(np.float32), tmp_path / "image.nii.gz")
+    spatial_size = (16, 16, 16)  # 32 mm: covers the 22-31 mm extents of the file
+    atlas_image, atlas_label = load_atlas(image_path, label_path, spatial_size, pixdim=2.0)
+    native = load_image(label_path, label=True)
+    pred = propagate_atlas(ConstantShift(0), atlas_image, atlas_label, image_path, spatial_size, 2.0, native)
+    assert pred.dtype == torch.int64 and pred.shape == (1, 20, 18, 16)
+    assert torch.equal(pred[0].as_tensor(), label.long())
+    np.testing.assert_allclose(pred.affine.numpy(), np.asarray(NATIVE_AFFINE), atol=1e-6)
+    round_trip = propagate_atlas(ConstantShift(0), atlas_image, atlas_label, image_path, spatial_size, 2.0)
+    assert not torch.equal(round_trip[0].as_tensor(), label.long())  # what the native sampling avoids
+
+
+def test_refinement_refines_the_networks_fields_and_checks_its_settings():
+    """refinement_steps > 0: the DDF used is refine_fields' forward field for the network's forward / inverse pair
+    (by hand here); bad settings are refused with the refinement's own InputError."""
+    from monai_ext.engines.field_refinement import refine_fields
+    from monai_ext.errors import InputError
+
+    image, label = _atlas((16, 12, 14))
+    user = torch.roll(image, 1, dims=1)
+    network = ConstantShift(1)
+    out = AtlasPropagationd(network, image, label, ddf_key="ddf", refinement_steps=2, refinement_lr=0.2)({"image": user})
+    forward = network(torch.cat([image, user])[None])
+    inverse = network(torch.cat([user, image])[None])
+    expected, _ = refine_fields(image[None], user[None], forward, inverse, steps=2, learning_rate=0.2)
+    assert torch.equal(out["ddf"], expected[0]) and not torch.equal(expected, forward)
+    with pytest.raises(InputError, match="field refinement steps must be a non-negative integer"):
+        AtlasPropagationd(network, image, label, refinement_steps=-1)
+    with pytest.raises(InputError, match="learning_rate must be positive"):
+        AtlasPropagationd(network, image, label, refinement_steps=1, refinement_lr=0.0)
+    with pytest.raises(ValueError, match="native_atlas_label needs MetaTensors"):
+        AtlasPropagationd(network, image, label, native_atlas_label=label)
+
+
 class _StubNetworkTask:
     """The infer task without MONAI Label: its own pre_transforms, run_inferer and post_transforms, with
     BasicInferTask's network loading (``_get_network``) replaced by the given network."""
 
     @staticmethod
-    def make(network, atlas_image, atlas_label, spatial_size, pixdim):
+    def make(network, atlas_image, atlas_label, spatial_size, pixdim, native_atlas_label, refinement):
         from monai_ext.label_app.infer import AtlasPropagationInferTask
 
         task = AtlasPropagationInferTask.__new__(AtlasPropagationInferTask)  # no monailabel: skip BasicInferTask
         task.input_key, task.output_label_key = "image", "pred"
         task.spatial_size, task.pixdim = tuple(spatial_size), pixdim
         task.atlas_image, task.atlas_label = atlas_image, atlas_label
+        task.native_atlas_label, task.refinement = native_atlas_label, refinement
         task._get_network = lambda device, data: network
         return task
 
@@ -246,6 +292,7 @@ def test_infer_task_transforms_return_the_propagation_for_the_writer(tmp_path, p
     import numpy as np
     from monai.transforms import Compose
 
+    from monai_ext.io.native import load_image
     from monai_ext.label_app.atlas import load_atlas
 
     atlas_label = random_label_map((20, 18, 16), 5, seed=4)
@@ -257,13 +304,15 @@ def test_infer_task_transforms_return_the_propagation_for_the_writer(tmp_path, p
     atlas = load_atlas(atlas_path, label_path, spatial_size, pixdim)
     network = SITReg(3, 1, features=[4, 4], feature_convolutions=[1, 1], deformation_features=[4, 4],
                      deformation_convolutions=[1, 1], groups=2).eval()  # fmt: skip
-    task = _StubNetworkTask.make(network, *atlas, spatial_size, pixdim)
+    native = load_image(label_path, label=True)
+    refinement = {"refinement_steps": 1, "refinement_lr": 0.15}
+    task = _StubNetworkTask.make(network, *atlas, spatial_size, pixdim, native, refinement)
 
     data = Compose(task.pre_transforms())({"image": request})
     data = task.run_inferer(data, device="cpu")
     out = Compose(task.post_transforms())(data)["pred"]
 
-    expected = propagate_atlas(network, *atlas, request, spatial_size, pixdim)
+    expected = propagate_atlas(network, *atlas, request, spatial_size, pixdim, native, **refinement)
     assert isinstance(out, MetaTensor) and out.dtype == torch.int32 and out.shape == (22, 17, 15)
     assert torch.equal(out.as_tensor().long(), expected[0].as_tensor())
     np.testing.assert_allclose(out.affine.numpy(), nib.load(request).affine, atol=1e-6)

@@ -50,7 +50,7 @@ from monai_ext.errors import InputError
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
 from monai_ext.spatial.sampling import check_ddf, compose, downsample_ddf, sample, upsample_ddf, voxel_grid
 
-__all__ = ["refine_fields", "FieldRefinement"]
+__all__ = ["refine_fields", "check_refinement_options", "FieldRefinement"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ def _check_inputs(
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} differ in batch or channels")
 
 
-def _check_options(
+def check_refinement_options(
     steps: int, learning_rate: float, regularization_weight: float, grid_factor: int, integration_steps: int
 ) -> None:
-    """Raise :class:`~monai_ext.errors.InputError` (a ``ValueError``) for invalid refinement settings."""
+    """Raise :class:`~monai_ext.errors.InputError` (a ``ValueError``) for invalid field refinement settings (the
+    arguments of :func:`refine_fields`)."""
     for name, value in (("steps", steps), ("grid_factor", grid_factor), ("integration_steps", integration_steps)):
         if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
             bound = "non-negative" if name == "steps" else "positive"
@@ -127,7 +128,7 @@ def refine_fields(
     Returns:
         ``(forward_ddf, inverse_ddf)`` refined, same shapes and grids as the inputs, without gradients.
     """
-    _check_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
+    check_refinement_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
     moving, fixed, forward_ddf, inverse_ddf = (
         t.as_tensor() if isinstance(t, MetaTensor) else t for t in (moving, fixed, forward_ddf, inverse_ddf)
     )
@@ -226,7 +227,7 @@ class FieldRefinement:
     ) -> None:
         if not callable(iteration):
             raise ValueError(f"iteration must be callable (an iteration_update), got {type(iteration).__name__}")
-        _check_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
+        check_refinement_options(steps, learning_rate, regularization_weight, grid_factor, integration_steps)
         self.iteration = iteration
         self.options = {
             "steps": int(steps),

@@ -12,10 +12,12 @@ network sees the batch ``(1, 2C, *spatial)``):
 1. :func:`atlas_preprocessing`: load the user's image with its metadata (world affine, original shape),
    normalise the intensities and bring it onto the bundle's grid (the *model grid*): an array resize, or a
    world-space RAS grid of a given voxel size (``pixdim``) as the brain bundles use;
-2. :class:`AtlasPropagationd`: register the atlas (moving) to the user's image (fixed) on the model grid and
-   warp the atlas labels, nearest neighbour;
-3. :class:`RestoreOriginalGridd`: resample the label map from the model grid back onto the user's image's own
-   grid (its shape and world affine), nearest neighbour in world coordinates.
+2. :class:`AtlasPropagationd`: register the atlas (moving) to the user's image (fixed) on the model grid
+   (optionally refined by :func:`~monai_ext.engines.field_refinement.refine_fields`, as the bundle does) and
+   sample the atlas labels, nearest neighbour: from the atlas label *file* at the points the user's own voxels
+   map to (``native_atlas_label``: one interpolation, directly on the user's grid), or on the model grid;
+3. :class:`RestoreOriginalGridd`: bring the label map onto the user's image's own grid (its shape and world
+   affine), nearest neighbour in world coordinates (a no-op for a label map sampled there already).
 
 :func:`propagate_atlas` runs the three on one image file; :mod:`monai_ext.label_app.infer` runs the same three
 as a ``monailabel`` infer task when ``monailabel`` is installed.
@@ -42,12 +44,16 @@ from monai.transforms import (
 from torch import nn
 
 from monai_ext.data.model_space import model_space_transforms
+from monai_ext.engines.field_refinement import check_refinement_options, refine_fields
+from monai_ext.engines.registration import forward_and_inverse
+from monai_ext.io.native import ddf_model_to_native
 from monai_ext.spatial.sampling import warp
 
 __all__ = [
     "AtlasPropagationd",
     "RestoreOriginalGridd",
     "bundle_network",
+    "bundle_refinement",
     "atlas_preprocessing",
     "load_atlas",
     "propagate_atlas",
@@ -73,9 +79,23 @@ class AtlasPropagationd(MapTransform):
             (resample both to the bundle's grid in the preprocessing).
         pred_key: key of the propagated label map ``(1, *spatial)`` (int64, on the user's image grid).
         ddf_key: if set, also store the DDF ``(n, *spatial)`` (voxels, fixed grid -> atlas) there.
+        native_atlas_label: optional atlas label map on its own file's grid, a ``MetaTensor`` ``(1, *native)``
+            whose ``affine`` is that file's (:func:`monai_ext.io.native.load_image` with ``label=True``). With it
+            ``atlas_image`` must
+            be a ``MetaTensor`` carrying the atlas model grid's affine (as :func:`load_atlas` returns it), the user
+            image a ``MetaTensor`` carrying its
+            model grid's affine and the load metadata ``original_affine`` / ``spatial_shape`` of its file, and
+            ``pred`` is the native atlas label sampled once (nearest, 0 outside the atlas) at the world points the
+            registration maps the user's *native* voxels to, on the user's file grid. Without it the label map is
+            warped on the model grid (after the atlas label was itself resampled onto that grid), which moves
+            boundaries by up to a model voxel.
+        refinement_steps: :func:`~monai_ext.engines.field_refinement.refine_fields` steps after the network
+            (0: none; the inverse DDF comes from SITReg's symmetric pass, or from a second pass with the images
+            swapped for other networks).
+        refinement_lr: the refinement's learning rate.
 
-    Labels are warped with nearest-neighbour sampling (border extrapolation), so they stay a subset of the atlas
-    labels. A ``MetaTensor`` user image passes its metadata (affine) on to ``pred``.
+    Labels are sampled nearest-neighbour, so they stay a subset of the atlas labels. A ``MetaTensor`` user image
+    passes its metadata on to ``pred``.
     """
 
     def __init__(
@@ -86,8 +106,17 @@ class AtlasPropagationd(MapTransform):
         image_key: Hashable = "image",
         pred_key: Hashable = "pred",
         ddf_key: Hashable | None = None,
+        native_atlas_label: MetaTensor | None = None,
+        refinement_steps: int = 0,
+        refinement_lr: float = 0.15,
     ) -> None:
         super().__init__(keys=image_key)
+        self.atlas_affine = atlas_image.affine if isinstance(atlas_image, MetaTensor) else None
+        if native_atlas_label is not None and (self.atlas_affine is None or not isinstance(native_atlas_label, MetaTensor)):
+            raise ValueError("native_atlas_label needs MetaTensors with affines: the atlas image and the native label map")
+        check_refinement_options(refinement_steps, refinement_lr, 2.0, 2, 3)
+        self.native_atlas_label = native_atlas_label
+        self.refinement_steps, self.refinement_lr = int(refinement_steps), float(refinement_lr)
         atlas_image = _channel_first(atlas_image, "atlas_image").float()
         atlas_label = _channel_first(atlas_label, "atlas_label", atlas_image.ndim - 1)
         if atlas_label.shape[0] != 1 or atlas_label.shape[1:] != atlas_image.shape[1:]:
@@ -115,13 +144,42 @@ class AtlasPropagationd(MapTransform):
         device = parameter.device if parameter is not None else fixed.device
         moving = self.atlas_image.to(device)
         fixed = fixed.as_subclass(torch.Tensor).to(device=device, dtype=moving.dtype)
+        moving = moving.as_subclass(torch.Tensor)
         with torch.no_grad():
-            ddf = self.network(torch.cat([moving, fixed], dim=0)[None])
-            label = warp(self.atlas_label.to(device)[None], ddf, mode="nearest")[0]
-        d[self.pred_key] = MetaTensor(label, meta=dict(image.meta)) if isinstance(image, MetaTensor) else label
+            if self.refinement_steps:
+                forward, inverse = forward_and_inverse(self.network, moving[None], fixed[None])
+            else:
+                forward = self.network(torch.cat([moving, fixed], dim=0)[None])
+        if self.refinement_steps:
+            forward, _ = refine_fields(
+                moving[None], fixed[None], forward, inverse, steps=self.refinement_steps, learning_rate=self.refinement_lr
+            )
         if self.ddf_key is not None:
-            d[self.ddf_key] = ddf[0]
+            d[self.ddf_key] = forward[0]
+        if self.native_atlas_label is None:
+            label = warp(self.atlas_label.to(device)[None], forward, mode="nearest")[0]
+            d[self.pred_key] = MetaTensor(label, meta=dict(image.meta)) if isinstance(image, MetaTensor) else label
+            return d
+        d[self.pred_key] = self._native_prediction(image, forward)
         return d
+
+    def _native_prediction(self, image: Any, forward: torch.Tensor) -> MetaTensor:
+        """The native atlas label sampled on the user's file grid through the model-grid DDF ``forward``."""
+        meta = image.meta if isinstance(image, MetaTensor) else {}
+        if not isinstance(image, MetaTensor) or meta.get("original_affine") is None or meta.get("spatial_shape") is None:
+            raise ValueError(
+                f"data[{self.image_key!r}] must be a MetaTensor with the 'original_affine' / 'spatial_shape' of its file "
+                "(load it with LoadImaged) to sample the native atlas label"
+            )
+        native_affine = torch.as_tensor(meta["original_affine"], dtype=torch.float64)
+        native_shape = [int(s) for s in torch.as_tensor(meta["spatial_shape"]).reshape(-1).tolist()]
+        label = self.native_atlas_label
+        ddf = ddf_model_to_native(
+            forward.double(), image.affine, self.atlas_affine, native_affine, native_shape, label.affine
+        )
+        values = warp(label.as_tensor().to(ddf.device)[None], ddf, "nearest", "zeros")[0]
+        out_meta = {key: value for key, value in meta.items() if key != "affine"}
+        return MetaTensor(values, affine=native_affine, meta={**out_meta, "spatial_shape": native_shape})
 
 
 def bundle_network(
@@ -153,6 +211,20 @@ def bundle_network(
         else:
             network.load_state_dict(state)
     return network.eval()
+
+
+def bundle_refinement(bundle_dir: str | os.PathLike, config_file: str = "configs/inference.json") -> dict[str, Any]:
+    """The bundle's test-time field refinement as :class:`AtlasPropagationd` keyword arguments: ``refinement_steps``
+    and ``refinement_lr`` from ``field_refinement_steps`` / ``field_refinement_lr`` of its config (0 steps where the
+    bundle sets none)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / config_file))
+    return {
+        "refinement_steps": parser.get("field_refinement_steps", 0),
+        "refinement_lr": parser.get("field_refinement_lr", 0.15),
+    }
 
 
 def atlas_preprocessing(
@@ -207,6 +279,8 @@ def load_atlas(
 
     The image is preprocessed as :func:`atlas_preprocessing` (same ``pixdim``), except that the array-space resize
     of the image uses ``area`` interpolation; the label map follows its image with nearest-neighbour sampling.
+    The image is a ``MetaTensor`` whose ``affine`` is the model grid's (voxel -> RAS mm), which
+    :class:`AtlasPropagationd` needs to sample the atlas label map on its own grid.
     """
     if pixdim is not None:
         loaded = model_space_transforms(
@@ -226,7 +300,8 @@ def load_atlas(
                 Resized(keys=["image", "label"], spatial_size=list(spatial_size), mode=["area", "nearest"]),
             ]
         )({"image": str(image_path), "label": str(label_path)})
-    return loaded["image"].as_tensor().float(), loaded["label"].as_tensor().round().long()
+    image = loaded["image"]
+    return MetaTensor(image.as_tensor().float(), affine=image.affine), loaded["label"].as_tensor().round().long()
 
 
 class RestoreOriginalGridd(MapTransform):
@@ -303,8 +378,12 @@ def propagate_atlas(
     image: str | os.PathLike,
     spatial_size: Sequence[int],
     pixdim: float | None = None,
+    native_atlas_label: MetaTensor | None = None,
+    refinement_steps: int = 0,
+    refinement_lr: float = 0.15,
 ) -> MetaTensor:
-    """The atlas label map propagated onto one image file, on that image's own grid (what the infer task returns).
+    """The atlas label map propagated onto one image file, on that image's own grid (what the infer task returns
+    with ``native_atlas_label`` and the bundle's :func:`bundle_refinement`).
 
     Args:
         network: as :class:`AtlasPropagationd` (``cat(moving=atlas, fixed=image)`` ``(1, 2C, *spatial_size)`` ->
@@ -315,6 +394,7 @@ def propagate_atlas(
         spatial_size: the model grid (the bundle's input shape).
         pixdim: ``None`` (array-space resize) or the model voxel size in mm (world-space grid), as
             :func:`atlas_preprocessing`; the atlas must have been loaded with the same (:func:`load_atlas`).
+        native_atlas_label, refinement_steps, refinement_lr: as :class:`AtlasPropagationd`.
 
     Returns:
         int64 ``MetaTensor`` ``(1, *image shape)`` with the image's affine (world millimetres, RAS).
@@ -322,7 +402,14 @@ def propagate_atlas(
     pipeline = Compose(
         [
             *atlas_preprocessing(spatial_size, pixdim=pixdim),
-            AtlasPropagationd(network, atlas_image, atlas_label),
+            AtlasPropagationd(
+                network,
+                atlas_image,
+                atlas_label,
+                native_atlas_label=native_atlas_label,
+                refinement_steps=refinement_steps,
+                refinement_lr=refinement_lr,
+            ),
             RestoreOriginalGridd(keys="pred", ref_key="image"),
         ]
     )

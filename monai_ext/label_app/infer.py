@@ -7,10 +7,12 @@ the *moving* one):
   metadata, normalise the intensities and bring it onto the bundle's grid (the model grid), ``(C, *spatial_size)``:
   an array resize, or with ``pixdim`` a world-space RAS grid of ``pixdim`` mm voxels centred on the foreground;
 - ``run_inferer`` (:class:`~monai_ext.label_app.atlas.AtlasPropagationd`): the bundle's network maps
-  ``cat(atlas, image)`` ``(1, 2C, D, H, W)`` to a DDF ``(1, 3, D, H, W)`` in model-grid voxels; the atlas label
-  map is warped through it with nearest-neighbour sampling into ``pred`` ``(1, D, H, W)``;
-- ``post_transforms``: :class:`~monai_ext.label_app.atlas.RestoreOriginalGridd` resamples ``pred`` in world
-  coordinates (nearest neighbour) onto the request image's own grid (its original shape and affine), then the
+  ``cat(atlas, image)`` ``(1, 2C, D, H, W)`` to a DDF ``(1, 3, D, H, W)`` in model-grid voxels, refined by the
+  bundle's own test-time field refinement where its ``inference.json`` sets ``field_refinement_steps``
+  (``sitreg_brain``: 4); the atlas label map *as stored in its file* is sampled once (nearest neighbour) at the
+  atlas points that the registration maps the request image's own voxels to: ``pred`` lies on the request grid;
+- ``post_transforms``: :class:`~monai_ext.label_app.atlas.RestoreOriginalGridd` checks that ``pred`` lies on the
+  request image's own grid (its original shape and affine; it would resample it there otherwise), then the
   channel is dropped and the labels are cast to int32, which MONAI Label's ITK writer stores with that affine.
 
 Only ``monailabel``'s task and app base classes are imported (nothing of ``monailabel.transform.post``, which
@@ -30,11 +32,13 @@ from monai.inferers import SimpleInferer
 from monai.transforms import CastToTyped, EnsureTyped, SqueezeDimd
 from monai.utils import optional_import
 
+from monai_ext.io.native import load_image
 from monai_ext.label_app.atlas import (
     AtlasPropagationd,
     RestoreOriginalGridd,
     atlas_preprocessing,
     bundle_network,
+    bundle_refinement,
     load_atlas,
 )
 
@@ -80,7 +84,9 @@ class AtlasPropagationInferTask(BasicInferTask):
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.pixdim = None if pixdim is None else float(pixdim)
         self.atlas_image, self.atlas_label = load_atlas(atlas_image, atlas_label, self.spatial_size, self.pixdim)
+        self.native_atlas_label = load_image(atlas_label, spatial_dims=len(self.spatial_size), label=True)
         network = bundle_network(bundle_dir, weights=None)
+        self.refinement = bundle_refinement(bundle_dir)  # the bundle's own test-time refinement (sitreg_brain: 4)
         super().__init__(
             path=str(bundle_dir / "models" / "model.pt"),
             network=network,
@@ -100,7 +106,13 @@ class AtlasPropagationInferTask(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict[str, Any]:
         network = self._get_network(device, data)
         propagate = AtlasPropagationd(
-            network, self.atlas_image, self.atlas_label, image_key=self.input_key, pred_key=self.output_label_key
+            network,
+            self.atlas_image,
+            self.atlas_label,
+            image_key=self.input_key,
+            pred_key=self.output_label_key,
+            native_atlas_label=self.native_atlas_label,
+            **self.refinement,
         )
         return propagate(data)
 

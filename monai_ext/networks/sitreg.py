@@ -80,7 +80,9 @@ class _CentredGroupNorm(nn.GroupNorm):
     temporary costs more in page faults than its arithmetic on a CPU.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, inplace: bool = False):
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, inplace: bool = False
+    ) -> None:
         super().__init__(num_groups, num_channels, eps, affine)
         self.inplace = inplace
 
@@ -144,7 +146,9 @@ def _conv_block(
     if groups:
         for unit in units:
             native = unit.adn.N
-            unit.adn.N = _CentredGroupNorm(native.num_groups, native.num_channels, native.eps, native.affine, inplace=True)
+            unit.adn.N = _CentredGroupNorm(
+                native.num_groups, native.num_channels, native.eps, native.affine, inplace=True
+            )
     return nn.Sequential(*units)
 
 
@@ -271,7 +275,9 @@ def _use_bfloat16(mixed_precision: bool | str, device: torch.device) -> bool:
 _SLAB_ELEMENTS = 7 << 20
 
 
-def _rows_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, edges: tuple[bool, bool]) -> torch.Tensor:
+def _rows_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, edges: tuple[bool, bool]
+) -> torch.Tensor:
     """A 3^n convolution (stride 1, zero padding 1) of rows ``x`` of a volume along its first spatial axis.
 
     ``edges``: whether the first / last row of ``x`` is the volume's edge (zero padded, as in the whole-volume
@@ -362,7 +368,9 @@ class SITRegDeformationBlock(nn.Module):
             out_rev[:, :, start:stop] = rev[:, :, start - first : stop - first]
         return out_fwd, out_rev
 
-    def _pre_tanh(self, a: torch.Tensor, b: torch.Tensor, edges: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pre_tanh(
+        self, a: torch.Tensor, b: torch.Tensor, edges: tuple[bool, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on rows of the level along its first spatial axis; ``edges``: whether the first / last row is
         the level's own edge (zero padding beyond, as in the whole-level convolutions) or a halo row."""
         first, *rest = self.block

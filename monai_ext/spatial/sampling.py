@@ -86,24 +86,24 @@ def sample(
 
     Args:
         volume: ``(B, C, *spatial)``, ``n = len(spatial)`` in (2, 3).
-        coords: ``(B, n, *out)`` voxel coordinates of ``volume`` (channel ``i`` along spatial axis ``i``);
-            ``out`` may have any number of dimensions (points, a grid of another size, ...).
+        coords: ``(B, n, *query)`` voxel coordinates of ``volume`` (channel ``i`` along spatial axis ``i``);
+            ``query`` may have any number of dimensions (points, a grid of another size, ...).
             A batch size of 1 in either argument is broadcast.
         mode: ``"linear"`` (multilinear) or ``"nearest"``.
         padding: ``"border"`` (replicate the edge value), ``"zeros"`` (interpolate towards 0 beyond the edge
             voxel centres, ``grid_sample``'s zeros), or ``"itk"``: ITK's resampling convention (also that of
             ``antsApplyTransforms``), border-replicated interpolation for points within half a voxel outside
             the grid (continuous index in ``[-0.5, size - 0.5)`` on every axis) and 0 beyond.
-        displacement: optional ``(B, n, *out)`` voxel displacement: the points sampled are
+        displacement: optional ``(B, n, *query)`` voxel displacement: the points sampled are
             ``coords + displacement`` (e.g. a grid and a DDF), formed directly in the sampling grid.
-        accumulate: optional ``(B, C, *out)`` tensor added to the samples (the result is
+        accumulate: optional ``(B, C, *query)`` tensor added to the samples (the result is
             ``accumulate + samples``, e.g. a DDF composed with the sampled one).
         out: optional contiguous tensor of the result's shape and dtype to write the result into; it may be
             ``accumulate`` or ``displacement`` themselves (each block of points is read before it is
             written), never ``volume``. Not with autograd.
 
     Returns:
-        ``(B, C, *out)``.
+        ``(B, C, *query)``.
 
     ``torch.nn.functional.grid_sample`` is used directly (rather than MONAI's ``Warp``) because the
     query points need not form a grid of the volume's own size.
@@ -204,10 +204,14 @@ def sample(
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, volume: torch.Tensor, tracked: bool) -> None:
+def _check_out(
+    out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, volume: torch.Tensor, tracked: bool
+) -> None:
     """``sample(..., out=out)``: a contiguous tensor of the result's shape and dtype, not the sampled volume."""
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
     if out.untyped_storage().data_ptr() == volume.untyped_storage().data_ptr():
         raise ValueError("out must not share memory with the sampled volume (it is read while out is written)")
     if tracked:
