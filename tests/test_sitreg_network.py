@@ -587,12 +587,15 @@ def test_deformation_block_is_the_paper_block_in_both_directions(normalization):
     torch.manual_seed(0)
     block = SITRegDeformationBlock(3, 5, 6, 2, upsampling_factor=2, groups=normalization).double()
     a, b = torch.randn(2, 5, 7, 6, 8, dtype=torch.float64), torch.randn(2, 5, 7, 6, 8, dtype=torch.float64)
-    fwd, rev = block(a, b)
+    with torch.no_grad():  # the shared first convolution
+        fwd, rev = block(a, b)
+        swapped = block(b, a)
     for out, (x, y) in ((fwd, (a, b)), (rev, (b, a))):
-        expected = block.final_conv(block.block(torch.cat((x - y, x + y), dim=1)))
-        assert torch.allclose(out, expected, rtol=0, atol=1e-12)
-    swapped = block(b, a)
+        expected = block.final_conv(block.block(torch.cat((x - y, x + y), dim=1)))  # under autograd, as written
+        assert expected.requires_grad and torch.allclose(out, expected, rtol=0, atol=1e-12)
     assert torch.equal(swapped[0], rev) and torch.equal(swapped[1], fwd)
+    tracked = block(a, b)
+    assert all(t.requires_grad and torch.allclose(t, u, rtol=0, atol=1e-12) for t, u in zip(tracked, (fwd, rev)))
     with torch.no_grad():
         a32, b32 = a.float(), b.float()
         block = block.float()
