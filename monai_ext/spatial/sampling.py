@@ -183,12 +183,14 @@ def sample(
         samples = samples_at(0, count).reshape(batch, channels, count)
         result = samples if addend is None else addend + samples
         return result.reshape(batch, channels, *out_shape)
-    # without autograd, blocks of points whose temporaries stay small enough for the allocator to recycle
+    # without autograd, on a CPU, blocks of points whose temporaries stay small enough for the allocator to recycle
     # (large fresh allocations cost page faults as slow as the sampling itself); results written in place
     result = out if out is not None else volume.new_empty((batch, channels, *out_shape), dtype=dtype)
     flat = result.view(batch, channels, count)
-    block = max(1, _BLOCK_ELEMENTS // ((n + channels) * max(batch, grid_batch)))
-    block += -block % max(1, torch.get_num_threads())
+    block = max(1, count)
+    if volume.device.type == "cpu":
+        block = max(1, _BLOCK_ELEMENTS // ((n + channels) * max(batch, grid_batch)))
+        block += -block % max(1, torch.get_num_threads())
     for first in range(0, count, block):
         last = min(count, first + block)
         samples = samples_at(first, last)
