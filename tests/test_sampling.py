@@ -356,6 +356,7 @@ def test_displacement_accumulate_and_blocks_equal_the_plain_expression(monkeypat
         for block in (1 << 22, 6 * 1000 + 6, 6 * 1001):  # one block; many blocks; blocks not a multiple of threads
             monkeypatch.setattr(sampling, "_BLOCK_ELEMENTS", block)
             assert torch.equal(sample(volume, grid, displacement=disp, accumulate=addend), expected)
+            assert torch.equal(sample(volume, None, displacement=disp, accumulate=addend), expected)  # grid implied
             assert torch.equal(sample(volume, grid + disp) + addend, expected)
             single = sample(volume[:1], grid, displacement=disp[:1], accumulate=addend[:1])
             assert torch.equal(single, expected[:1])  # batch 1: the threaded chunks of points
@@ -383,6 +384,10 @@ def test_out_may_be_the_displacement_or_accumulated_field(monkeypatch):
         sample(outer, grid, displacement=inner.clone().requires_grad_(), out=torch.empty_like(inner))
     with pytest.raises(ValueError, match="displacement .* and coords .* differ in shape"):
         sample(outer, grid, displacement=inner[..., :5])
+    with pytest.raises(ValueError, match="coords=None needs a displacement"):
+        sample(outer, None)
+    in_place = inner.clone()  # the implied grid, in place
+    assert torch.equal(sample(outer, None, displacement=in_place, accumulate=in_place, out=in_place), expected)
 
 
 def test_displacement_and_accumulate_are_differentiable():
@@ -393,6 +398,8 @@ def test_displacement_and_accumulate_are_differentiable():
     assert torch.autograd.gradcheck(
         lambda v, d, a: sample(v, coords, displacement=d, accumulate=a), (volume, disp, addend)
     )
+    field = (torch.rand(1, 3, 4, 5, 3, dtype=F64) * 0.6 + 0.2).requires_grad_()  # implied grid: kinks avoided
+    assert torch.autograd.gradcheck(lambda v, d: sample(v, None, displacement=d), (volume, field))
 
 
 def test_itk_padding_half_voxel_band():

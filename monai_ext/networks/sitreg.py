@@ -488,19 +488,24 @@ def _apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def _chain(
-    points: torch.Tensor, disp: torch.Tensor | None, maps: Sequence[torch.Tensor | None], inplace: bool = False
+    points: torch.Tensor | None, disp: torch.Tensor | None, maps: Sequence[torch.Tensor | None], inplace: bool = False
 ) -> torch.Tensor:
     """Displacement at ``points`` of ``maps[-1] o ... o maps[0] o (x + disp)``, evaluated lazily (nested).
 
-    ``points`` ``(1|B, n, *out)`` voxel coordinates; ``disp`` the displacement already applied (``None``:
-    none); each map is a full-resolution voxel DDF ``(B, n, *spatial)`` (sampled multilinearly, border),
-    a voxel affine ``(B, n + 1, n + 1)``, or ``None`` (identity, skipped). With ``inplace`` (no autograd)
-    the result is written into ``disp``'s memory.
+    ``points`` ``(1|B, n, *out)`` voxel coordinates, or ``None`` for the voxel grid of ``disp`` (not formed as a
+    whole unless an affine needs it); ``disp`` the displacement already applied (``None``: none); each map is a
+    full-resolution voxel DDF ``(B, n, *spatial)`` (sampled multilinearly, border), a voxel affine
+    ``(B, n + 1, n + 1)``, or ``None`` (identity, skipped). With ``inplace`` (no autograd) the result is written
+    into ``disp``'s memory.
     """
+    if points is None and disp is None:
+        raise ValueError("a chain needs points or a displacement")
     owned = inplace  # whether disp may be overwritten (made here, or given up by the caller)
     for m in maps:
         if m is None:
             continue
+        if m.ndim == 3 and points is None:
+            points = voxel_grid(disp.shape[2:], disp.dtype, disp.device)[None]
         if m.ndim == 3:
             current = points if disp is None else points + disp
             disp = _apply_affine(m, current) - points
@@ -744,9 +749,9 @@ class SITReg(nn.Module):
         """``phi_f = Aff_f o L_f o R_i o Aff_f`` and ``phi_i = Aff_i o R_f o L_i o Aff_i`` on the grid."""
         left_f, right_f, left_i, right_i = chains
         aff_f, aff_i = affines
-        grid = voxel_grid(left_f.shape[2:], left_f.dtype, left_f.device)[None]
         if aff_f is None:
-            return _chain(grid, right_i, (left_f,)), _chain(grid, left_i, (right_f,))
+            return _chain(None, right_i, (left_f,)), _chain(None, left_i, (right_f,))
+        grid = voxel_grid(left_f.shape[2:], left_f.dtype, left_f.device)[None]
         return (
             _chain(grid, None, (aff_f, right_i, left_f, aff_f)),
             _chain(grid, None, (aff_i, left_i, right_f, aff_i)),
@@ -799,22 +804,22 @@ class SITReg(nn.Module):
             if not return_intermediates:
                 del control_fwd, control_rev
             inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
-            grid = voxel_grid(spatial_shape, moving.dtype, moving.device)[None]  # (not held during the inversions)
-            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed; without
-            # autograd and intermediates every chain is updated in its own memory (the inverses become F and I)
+            # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed, on the
+            # voxel grid of the fields (points None); without autograd and intermediates every chain is updated in
+            # its own memory (the inverses become F and I)
             if left_i is not None:
-                left_i = _chain(grid, left_i, (inverse_fwd, atomic_rev), inplace)
-                right_i = _chain(grid, right_i, (inverse_rev, atomic_fwd), inplace)
-            update_fwd = _chain(grid, inverse_rev, (atomic_fwd,), inplace)
-            update_inv = _chain(grid, inverse_fwd, (atomic_rev,), inplace)
+                left_i = _chain(None, left_i, (inverse_fwd, atomic_rev), inplace)
+                right_i = _chain(None, right_i, (inverse_rev, atomic_fwd), inplace)
+            update_fwd = _chain(None, inverse_rev, (atomic_fwd,), inplace)
+            update_inv = _chain(None, inverse_fwd, (atomic_rev,), inplace)
             if not return_intermediates:
                 del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev
             if left_f is None:  # (separate copies of the chains that are updated in place)
                 left_f, right_f = update_fwd, update_inv
                 left_i, right_i = (update_inv.clone(), update_fwd.clone()) if inplace else (update_inv, update_fwd)
             else:
-                left_f = _chain(grid, update_fwd, (left_f,), inplace)
-                right_f = _chain(grid, update_inv, (right_f,), inplace)
+                left_f = _chain(None, update_fwd, (left_f,), inplace)
+                right_f = _chain(None, update_inv, (right_f,), inplace)
             if return_intermediates:
                 cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
                 levels.append(
@@ -825,7 +830,7 @@ class SITReg(nn.Module):
                     )
                 )  # fmt: skip
             else:
-                del update_fwd, update_inv, grid
+                del update_fwd, update_inv
         if levels:
             forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
         else:

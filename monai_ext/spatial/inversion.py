@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from monai_ext.spatial.sampling import check_ddf, sample, voxel_grid
+from monai_ext.spatial.sampling import check_ddf, sample
 
 __all__ = [
     "ConvergenceWarning",
@@ -216,10 +216,10 @@ def _default_backward_solver() -> AndersonSolver:
     return AndersonSolver(RelativeL2Residual(threshold=1e-2, min_iterations=2, max_iterations=50), memory=4)
 
 
-def _inversion_step(ddf: torch.Tensor, grid: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One fixed-point map ``g(v) = -ddf(x + v)`` (multilinear, border) on grid points ``x``, optionally written
-    into ``out`` (no autograd)."""
-    return sample(ddf, grid, displacement=v, out=out).neg_()
+def _inversion_step(ddf: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One fixed-point map ``g(v) = -ddf(x + v)`` (multilinear, border) on the grid points ``x`` of ``ddf``,
+    optionally written into ``out`` (no autograd)."""
+    return sample(ddf, None, displacement=v, out=out).neg_()
 
 
 class _InvertDDF(torch.autograd.Function):
@@ -227,10 +227,9 @@ class _InvertDDF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, forward_solver: AndersonSolver, backward_solver: AndersonSolver):
-        grid = voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None]
         # every g(v) is written into one buffer: the solver copies what it keeps before the next evaluation
         out = torch.empty_like(ddf, memory_format=torch.contiguous_format)
-        v = forward_solver.solve(lambda v: _inversion_step(ddf.detach(), grid, v, out), -ddf.detach())
+        v = forward_solver.solve(lambda v: _inversion_step(ddf.detach(), v, out), -ddf.detach())
         ctx.backward_solver = backward_solver
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(ddf, v)
@@ -240,11 +239,10 @@ class _InvertDDF(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         ddf, v = ctx.saved_tensors
-        grid = voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None]
         with torch.enable_grad():
             ddf = ddf.detach().requires_grad_(True)
             v = v.detach().requires_grad_(True)
-            w = _inversion_step(ddf, grid, v)  # the one-step graph: w = g(v*, ddf)
+            w = _inversion_step(ddf, v)  # the one-step graph: w = g(v*, ddf)
 
             def adjoint_step(lam: torch.Tensor) -> torch.Tensor:
                 # lambda = (dg/dv)^T lambda + grad_output

@@ -74,7 +74,7 @@ def voxel_grid(
 
 def sample(
     volume: torch.Tensor,
-    coords: torch.Tensor,
+    coords: torch.Tensor | None,
     mode: str = "linear",
     padding: str = "border",
     *,
@@ -88,7 +88,9 @@ def sample(
         volume: ``(B, C, *spatial)``, ``n = len(spatial)`` in (2, 3).
         coords: ``(B, n, *query)`` voxel coordinates of ``volume`` (channel ``i`` along spatial axis ``i``);
             ``query`` may have any number of dimensions (points, a grid of another size, ...).
-            A batch size of 1 in either argument is broadcast.
+            A batch size of 1 in either argument is broadcast. ``None``: the voxel grid of ``displacement``'s
+            spatial shape (``voxel_grid``), formed block by block instead of as a whole (``displacement`` is then
+            a DDF on that grid and ``query`` its spatial shape).
         mode: ``"linear"`` (multilinear) or ``"nearest"``.
         padding: ``"border"`` (replicate the edge value), ``"zeros"`` (interpolate towards 0 beyond the edge
             voxel centres, ``grid_sample``'s zeros), or ``"itk"``: ITK's resampling convention (also that of
@@ -114,7 +116,12 @@ def sample(
     for name, points in (("coords", coords), ("displacement", displacement)):
         if points is not None and (points.ndim < 2 or points.shape[1] != n):
             raise ValueError(f"{name} must be (B, {n}, ...) voxel coordinates, got {tuple(points.shape)}")
-    if displacement is not None and displacement.shape[2:] != coords.shape[2:]:
+    if coords is None:
+        if displacement is None or displacement.ndim != n + 2:
+            raise ValueError(f"coords=None needs a displacement (B, {n}, *spatial) on the grid it stands for")
+        if padding == "itk":
+            coords = voxel_grid(displacement.shape[2:], displacement.dtype, displacement.device)[None]
+    if coords is not None and displacement is not None and displacement.shape[2:] != coords.shape[2:]:
         raise ValueError(f"displacement {tuple(displacement.shape)} and coords {tuple(coords.shape)} differ in shape")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
@@ -129,22 +136,25 @@ def sample(
         result = result if accumulate is None else accumulate + result
         return result if out is None else out.copy_(result)
     batches = {int(t.shape[0]) for t in (volume, coords, displacement) if t is not None}  # int(): traced sizes
+    located = coords if coords is not None else displacement
     if len(batches - {1}) > 1:
-        raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(coords.shape)} differ")
+        raise ValueError(f"batch sizes of volume {tuple(volume.shape)} and coords {tuple(located.shape)} differ")
     batch = max(batches)
     if not volume.is_floating_point():
-        volume = volume.to(coords.dtype)
-    channels, out_shape = volume.shape[1], coords.shape[2:]
-    points = coords.reshape(coords.shape[0], n, -1)
+        volume = volume.to(located.dtype)
+    channels, out_shape = volume.shape[1], located.shape[2:]
+    points = None if coords is None else coords.reshape(coords.shape[0], n, -1)
     offsets = None if displacement is None else displacement.reshape(displacement.shape[0], n, -1)
-    grid_batch = max(points.shape[0], 1 if offsets is None else offsets.shape[0])
+    grid_batch = max(1 if points is None else points.shape[0], 1 if offsets is None else offsets.shape[0])
     addend = None
     if accumulate is not None:
         addend = torch.broadcast_to(accumulate, (batch, channels, *out_shape)).reshape(batch, channels, -1)
-    count = points.shape[2]
+    count = math.prod(out_shape)
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (volume, points, offsets, addend)
     )
+    if tracked and points is None:
+        points = voxel_grid(out_shape, offsets.dtype, offsets.device)[None].reshape(1, n, -1)
     dtype = volume.dtype if addend is None else torch.promote_types(volume.dtype, addend.dtype)
     if out is not None:
         _check_out(out, (batch, channels, *out_shape), dtype, volume, tracked)
@@ -152,13 +162,26 @@ def sample(
     # that the coordinates keep the array axis order; align_corners=True normalisation of voxel i on an axis of
     # size s: i / ((s - 1) / 2) - 1 (any finite value for s == 1, where grid_sample reads index 0)
     volume = volume.permute(0, 1, *range(n + 1, 1, -1))
-    halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[:1:-1]], dtype=points.dtype, device=points.device)
+    halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[:1:-1]], dtype=located.dtype, device=located.device)
     minus_one = halves.new_full((), -1.0)
+    # coords=None: a block of whole slices along the first query axis, whose grid is the slice index there and
+    # the (broadcast) in-slice indices on the other axes
+    slice_size = math.prod(out_shape[1:])
+    axes = [torch.arange(s, dtype=located.dtype, device=located.device) for s in out_shape]
 
     def samples_at(first: int, last: int) -> torch.Tensor:  # (B, C, last - first) samples, any strides
-        part = points[..., first:last]
-        if offsets is not None:
-            part = part + offsets[..., first:last]
+        if points is None:
+            rows = slice(first // slice_size, last // slice_size)
+            block_offsets = offsets[..., first:last].reshape(offsets.shape[0], n, -1, *out_shape[1:])
+            part = torch.empty_like(block_offsets)
+            for axis in range(n):
+                index = axes[axis][rows] if axis == 0 else axes[axis]
+                torch.add(block_offsets[:, axis], index.view(-1, *([1] * (n - 1 - axis))), out=part[:, axis])
+            part = part.view(offsets.shape[0], n, -1)
+        else:
+            part = points[..., first:last]
+            if offsets is not None:
+                part = part + offsets[..., first:last]
         size = last - first
         chunks = _point_chunks(volume, batch, size)
         if tracked:  # (out= has no autograd)
@@ -191,6 +214,8 @@ def sample(
     if volume.device.type == "cpu":
         block = max(1, _BLOCK_ELEMENTS // ((n + channels) * max(batch, grid_batch)))
         block += -block % max(1, torch.get_num_threads())
+    if points is None:  # whole slices
+        block = max(1, block // slice_size) * slice_size
     for first in range(0, count, block):
         last = min(count, first + block)
         samples = samples_at(first, last)
