@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -485,7 +486,9 @@ def register(
     files = _config_files(bundle_dir, ["inference.json", *extra])
     parser = _load_config(files)
     override = _check_overrides(parser, override, bundle_dir, files)
-    uses_masks = "moving_mask" in json.dumps(parser.get())
+    # mask files are inputs where the bundle's pair check requires them (lung bundles); LUMIR derives its masks
+    required = re.search(r"check_pair_files\([^)]*required=\[([^\]]*)\]", json.dumps(parser.get()))
+    uses_masks = required is not None and "moving_mask" in required.group(1)
     if (moving_mask, fixed_mask) != (None, None) and not uses_masks:
         raise InputError(f"--moving_mask/--fixed_mask: bundle {bundle_dir.name} does not use masks; drop them")
     if moving_mask is None and fixed_mask is None and uses_masks:

@@ -132,6 +132,9 @@ CLI_CASES = {
         ["sitreg_oasis", M, F, "{out}", "--moving_mask", ML, "--fixed_mask", FL], "does not use masks"
     ),
     "lung bundle without masks": (["sitreg_nlst", M, F, "{out}"], "needs a mask of each image"),
+    "masks for LUMIR (it derives its own)": (
+        ["sitreg_lumir", M, F, "{out}", "--moving_mask", ML, "--fixed_mask", FL], "does not use masks"
+    ),
     "one mask only": (["sitreg_nlst", M, F, "{out}", "--moving_mask", ML], "give both --moving_mask and --fixed_mask"),
     "one label only": (["sitreg_oasis", M, F, "{out}", "--moving_label", ML], "give both --moving_label and --fixed_label"),
     "self pair": (["sitreg_oasis", M, M, "{out}"], "same file"),
