@@ -48,7 +48,7 @@ from monai.networks.blocks import DVF2DDF
 from monai_ext.engines.registration import forward_and_inverse
 from monai_ext.errors import InputError
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
-from monai_ext.spatial.sampling import check_ddf, compose, downsample_ddf, sample, upsample_ddf, voxel_grid
+from monai_ext.spatial.sampling import check_ddf, compose, downsample_ddf, sample, upsample_ddf
 
 __all__ = ["refine_fields", "check_refinement_options", "FieldRefinement"]
 
@@ -139,7 +139,6 @@ def refine_fields(
     similarity = LocalNormalizedCrossCorrelation(kernel_size=5) if similarity is None else similarity
     exp = DVF2DDF(num_steps=int(integration_steps), padding_mode="border")
     fixed_shape, moving_shape = fixed.shape[2:], moving.shape[2:]
-    grids = {tuple(s): voxel_grid(s, forward_ddf.dtype, forward_ddf.device)[None] for s in (fixed_shape, moving_shape)}
     forward_coarse, inverse_coarse = downsample_ddf(forward_ddf, grid_factor), downsample_ddf(inverse_ddf, grid_factor)
     velocity_fixed = torch.zeros_like(forward_coarse, requires_grad=True)
     velocity_moving = torch.zeros_like(inverse_coarse, requires_grad=True)
@@ -167,8 +166,8 @@ def refine_fields(
             inverse_refined = compose(exp_fixed_inverse, compose(inverse_coarse, exp_moving_inverse))
             forward_full = upsample_ddf(forward_refined, grid_factor, fixed_shape)
             inverse_full = upsample_ddf(inverse_refined, grid_factor, moving_shape)
-            warped_moving = sample(moving, grids[tuple(fixed_shape)] + forward_full)
-            warped_fixed = sample(fixed, grids[tuple(moving_shape)] + inverse_full)
+            warped_moving = sample(moving, None, displacement=forward_full)
+            warped_fixed = sample(fixed, None, displacement=inverse_full)
             loss = similarity(warped_moving, fixed) + similarity(warped_fixed, moving)
             loss = loss + regularization_weight * (roughness(velocity_fixed) + roughness(velocity_moving))
             value = float(loss.detach())

@@ -164,7 +164,9 @@ class AtlasPropagationd(MapTransform):
         return d
 
     def _native_prediction(self, image: Any, forward: torch.Tensor) -> MetaTensor:
-        """The native atlas label sampled on the user's file grid through the model-grid DDF ``forward``."""
+        """``(1, *native user shape)`` int64 ``MetaTensor`` on the user's file grid (its ``original_affine``): the native
+        atlas label map sampled (nearest, 0 outside) through ``forward``, the ``(1, n, *model shape)`` voxel DDF from
+        the user's (fixed) model grid into the atlas (moving) model grid, mapped to native voxels through world mm."""
         meta = image.meta if isinstance(image, MetaTensor) else {}
         if not isinstance(image, MetaTensor) or meta.get("original_affine") is None or meta.get("spatial_shape") is None:
             raise ValueError(

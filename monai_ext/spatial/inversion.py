@@ -181,7 +181,8 @@ class AndersonSolver:
             if gx.shape != shape:
                 raise ValueError(f"g must preserve the shape {tuple(shape)}, returned {tuple(gx.shape)}")
             n += 1
-            f = x.view(batch, -1).sub_(gx.reshape(batch, -1)).neg_()  # g(x) - x, in x's memory (x is not needed again)
+            flat = x.view(batch, -1)
+            f = torch.sub(gx.reshape(batch, -1), flat, out=flat)  # g(x) - x, in x's memory (x is not needed again)
             residual = self.stop.residual_of(f, gx)
             if self.stop.should_stop(n, residual):
                 break

@@ -295,7 +295,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "linear", padding: 
     if moving.shape[2:] == ddf.shape[2:] and moving.shape[0] == ddf.shape[0] and padding != "itk":
         out = _warp_block(mode, padding)(moving.to(ddf.dtype), ddf)
     else:
-        out = sample(moving.to(ddf.dtype), voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)[None] + ddf, mode, padding)
+        out = sample(moving.to(ddf.dtype), None, mode, padding, displacement=ddf)
     return out.round().to(dtype) if not dtype.is_floating_point else out.to(dtype)
 
 
@@ -308,8 +308,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     check_ddf(outer, "outer")
     check_ddf(inner, "inner")
-    coords = voxel_grid(inner.shape[2:], inner.dtype, inner.device)[None] + inner
-    return inner + sample(outer, coords)
+    return sample(outer, None, displacement=inner, accumulate=inner)
 
 
 def upsample_ddf(ddf: torch.Tensor, factor: int, spatial_shape: Sequence[int]) -> torch.Tensor:
