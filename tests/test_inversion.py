@@ -158,6 +158,33 @@ def test_anderson_converges_to_sqrt7():
     assert solver.last_iterations < 50
 
 
+@pytest.mark.parametrize("memory", [1, 3, 4])
+def test_anderson_writes_into_history_slots(memory):
+    """g(x, out) writing into the history slot it is handed (no copies), or returning a tensor of its own, gives the
+    iterates of the plain g(x) bit for bit, per batch element (batch 3, more evaluations than slots); x0 is
+    overwritten and the returned tensor owns its memory (not a view of the history)."""
+    generator = torch.Generator().manual_seed(1)
+    x0 = 4 + torch.rand(3, 2, 5, generator=generator, dtype=torch.float64)
+
+    def newton(x: torch.Tensor) -> torch.Tensor:
+        return (7 / x + x) / 2
+
+    def into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        assert out.shape == x.shape and out.is_contiguous() and out.data_ptr() != x.data_ptr()
+        return torch.div(7 / x + x, 2, out=out)
+
+    results, counts = [], []
+    for g, writes in ((newton, False), (into, True), (lambda x, out: newton(x), True)):
+        solver = AndersonSolver(MaxAbsResidual(1e-12, 6, 50), memory=memory)
+        start = x0.clone()
+        results.append(solver.solve(g, start, writes_into=writes))
+        counts.append(solver.last_iterations)
+        assert results[-1].untyped_storage().nbytes() == start.numel() * start.element_size()
+    assert counts[0] == counts[1] == counts[2] >= 6
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    torch.testing.assert_close(results[0], torch.full_like(x0, math.sqrt(7)))
+
+
 @pytest.mark.parametrize(
     "stop, expected",
     [

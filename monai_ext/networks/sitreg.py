@@ -803,24 +803,29 @@ class SITReg(nn.Module):
             atomic_rev = block.upsample(control_rev, spatial_shape)
             if not return_intermediates:
                 del control_fwd, control_rev
-            inverse_fwd, inverse_rev = self.inversion(atomic_fwd), self.inversion(atomic_rev)
             # F = A_fwd o A_rev^-1 and I = A_rev o A_fwd^-1, evaluated lazily (nested) wherever needed, on the
             # voxel grid of the fields (points None); without autograd and intermediates every chain is updated in
-            # its own memory (the inverses become F and I)
-            if left_i is not None:
-                left_i = _chain(None, left_i, (inverse_fwd, atomic_rev), inplace)
+            # its own memory (the inverses become F and I). The reverse inverse is folded into the chains before the
+            # forward inversion runs, so that each inversion runs beside six fields (four chains, two atomic).
+            inverse_rev = self.inversion(atomic_rev)
+            if right_i is not None:
                 right_i = _chain(None, right_i, (inverse_rev, atomic_fwd), inplace)
             update_fwd = _chain(None, inverse_rev, (atomic_fwd,), inplace)
-            update_inv = _chain(None, inverse_fwd, (atomic_rev,), inplace)
-            if not return_intermediates:
-                del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev
-            if left_f is None:  # (separate copies of the chains that are updated in place)
-                left_f, right_f = update_fwd, update_inv
-                left_i, right_i = (update_inv.clone(), update_fwd.clone()) if inplace else (update_inv, update_fwd)
+            if left_f is None:  # (a separate copy of the chains that are updated in place)
+                left_f, right_i = update_fwd, update_fwd.clone() if inplace else update_fwd
             else:
                 left_f = _chain(None, update_fwd, (left_f,), inplace)
+            inverse_fwd = self.inversion(atomic_fwd)
+            if left_i is not None:
+                left_i = _chain(None, left_i, (inverse_fwd, atomic_rev), inplace)
+            update_inv = _chain(None, inverse_fwd, (atomic_rev,), inplace)
+            if right_f is None:
+                right_f, left_i = update_inv, update_inv.clone() if inplace else update_inv
+            else:
                 right_f = _chain(None, update_inv, (right_f,), inplace)
-            if return_intermediates:
+            if not return_intermediates:
+                del atomic_fwd, atomic_rev, inverse_fwd, inverse_rev, update_fwd, update_inv
+            else:
                 cumulative = self._outputs((left_f, right_f, left_i, right_i), affines)
                 levels.append(
                     SITRegLevel(
@@ -829,8 +834,6 @@ class SITReg(nn.Module):
                         *cumulative,
                     )
                 )  # fmt: skip
-            else:
-                del update_fwd, update_inv
         if levels:
             forward_ddf, inverse_ddf = levels[-1].cumulative_forward_ddf, levels[-1].cumulative_inverse_ddf
         else:

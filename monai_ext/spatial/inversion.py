@@ -138,66 +138,71 @@ class AndersonSolver:
             f"matrix_epsilon={self.matrix_epsilon})"
         )
 
-    def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Next iterate ``(B, 1, N)`` from stored images ``gs`` and residuals ``fs`` ``(B, k, N)``, ``gram = fs fs^T``,
-        written into ``out``."""
-        batch, k = gs.shape[:2]
+    def _mix(self, gs: torch.Tensor, fs: torch.Tensor, gram: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the next iterate ``(B, N)`` into ``out`` from the stored images ``gs`` and residuals ``fs``
+        ``(k, B, N)``, ``gram = fs fs^T`` ``(B, k, k)``."""
+        k, batch = gs.shape[:2]
         system = gs.new_zeros((batch, k + 1, k + 1))
         system[:, 0, 1:] = 1
         system[:, 1:, 0] = 1
         system[:, 1:, 1:] = gram + self.matrix_epsilon * torch.eye(k, dtype=gs.dtype, device=gs.device)
         target = gs.new_zeros((batch, k + 1, 1))
         target[:, 0] = 1
-        alpha = torch.linalg.solve(system, target)[:, 1:].transpose(1, 2)  # (B, 1, k)
-        mixed = torch.bmm(alpha, gs, out=out)  # sum_i a_i g(x_i)
-        if self.beta != 1.0:  # beta * sum a_i g_i + (1 - beta) * sum a_i x_i, with x_i = g_i - f_i
-            mixed.sub_(torch.bmm(alpha, fs), alpha=1.0 - self.beta)
-        return mixed
+        alpha = torch.linalg.solve(system, target)[:, 1:, 0]  # (B, k)
+        for b in range(batch):  # (k, N) matrices with a leading dimension of B * N: no copies
+            mixed = torch.mm(alpha[b : b + 1], gs[:, b], out=out[b : b + 1])  # sum_i a_i g(x_i)
+            if self.beta != 1.0:  # beta * sum a_i g_i + (1 - beta) * sum a_i x_i, with x_i = g_i - f_i
+                mixed.sub_(alpha[b : b + 1] @ fs[:, b], alpha=1.0 - self.beta)
 
-    def solve(self, g: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
+    def solve(
+        self, g: Callable[..., torch.Tensor], x0: torch.Tensor, *, writes_into: bool = False
+    ) -> torch.Tensor:
         """Solve ``x = g(x)`` from ``x0`` (``(B, ...)``, detached); returns the last output of ``g``.
 
         The iterates are written into the memory of ``x0`` (when contiguous), which is therefore overwritten:
         pass a tensor that is not needed afterwards (such as ``-ddf``).
 
-        ``g`` must map a ``(B, ...)`` tensor to one of the same shape; its output is not used after the next call
-        of ``g`` (which may reuse its memory). Emits :class:`ConvergenceWarning`
-        when ``max_iterations`` is reached with the residual above the threshold.
+        ``g`` must map a ``(B, ...)`` tensor to one of the same shape that does not share memory with its input.
+        With ``writes_into`` it is called as ``g(x, out)`` with a contiguous tensor ``out`` of that shape (a slot
+        of the history) and should return ``out`` holding ``g(x)``, which saves a copy per evaluation; a result
+        elsewhere is copied. Emits :class:`ConvergenceWarning` when ``max_iterations`` is reached with the
+        residual above the threshold.
 
         The history is kept in ring buffers of the last ``memory`` images ``g(x_i)`` and residuals
-        ``g(x_i) - x_i``, and the residual Gram matrix is updated by one row and column per evaluation.
+        ``g(x_i) - x_i`` (``2 * memory + 1`` tensors of ``x0``'s size in all, allocated lazily by the OS: slots
+        never reached cost no memory), and the residual Gram matrix is updated by one row and column per
+        evaluation.
         """
         batch, shape, m = x0.shape[0], x0.shape, self.memory
-        # the iterate lives in one buffer, and the history in ring buffers of the last ``memory`` images g(x_i)
-        # and residuals g(x_i) - x_i, allocated lazily by the OS (slots never reached cost no memory): no
-        # per-iteration allocation of field-sized tensors
         x = x0.detach().contiguous()
-        gs = x.new_empty((batch, m, x[0].numel()))
+        flat_x = x.view(batch, -1)
+        gs = x.new_empty((m, batch, flat_x.shape[1]))  # slot-major: each slot is one contiguous (B, N) tensor
         fs = torch.empty_like(gs)
         gram = x.new_zeros((batch, m, m))
         n = 0
         while True:
-            gx = g(x).detach()
+            slot = n % m
+            gx = (g(x, gs[slot].view(shape)) if writes_into else g(x)).detach()
             if gx.shape != shape:
                 raise ValueError(f"g must preserve the shape {tuple(shape)}, returned {tuple(gx.shape)}")
             n += 1
-            flat = x.view(batch, -1)
-            f = torch.sub(gx.reshape(batch, -1), flat, out=flat)  # g(x) - x, in x's memory (x is not needed again)
+            flat_g = gx.reshape(batch, -1)
+            f = torch.sub(flat_g, flat_x, out=fs[slot])  # g(x) - x (the previous iterate is not needed again)
             residual = self.stop.residual_of(f, gx)
             if self.stop.should_stop(n, residual):
                 break
-            slot = (n - 1) % m  # (a slot is first touched only when it is needed)
-            fs[:, slot] = f
-            gs[:, slot] = gx.reshape(batch, -1)
-            del gx
+            if flat_g.data_ptr() != gs[slot].data_ptr():
+                gs[slot].copy_(flat_g)
+            del gx, flat_g
             k = min(n, m)
-            row = torch.bmm(fs[:, :k], fs[:, slot, :, None])[..., 0]  # (B, k): f_i . f_slot
-            gram[:, slot, :k] = row
-            gram[:, :k, slot] = row
+            for b in range(batch):
+                row = torch.mv(fs[:k, b], f[b])  # f_i . f_slot
+                gram[b, slot, :k] = row
+                gram[b, :k, slot] = row
             if k == 1:
-                x.view(batch, -1).copy_(gs[:, slot])
+                flat_x.copy_(gs[slot])
             else:
-                self._mix(gs[:, :k], fs[:, :k], gram[:, :k, :k], out=x.view(batch, 1, -1))
+                self._mix(gs[:k], fs[:k], gram[:, :k, :k], out=flat_x)
         self.last_iterations, self.last_residual = n, residual
         if not self.stop.converged(residual):
             warnings.warn(
@@ -206,6 +211,8 @@ class AndersonSolver:
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        if flat_g.data_ptr() == gs[slot].data_ptr():  # out of the history, into the iterate's memory
+            return x.copy_(gx)
         return gx
 
 
@@ -228,9 +235,8 @@ class _InvertDDF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, forward_solver: AndersonSolver, backward_solver: AndersonSolver):
-        # every g(v) is written into one buffer: the solver copies what it keeps before the next evaluation
-        out = torch.empty_like(ddf, memory_format=torch.contiguous_format)
-        v = forward_solver.solve(lambda v: _inversion_step(ddf.detach(), v, out), -ddf.detach())
+        # every g(v) is written straight into the solver's history
+        v = forward_solver.solve(lambda v, out: _inversion_step(ddf.detach(), v, out), -ddf.detach(), writes_into=True)
         ctx.backward_solver = backward_solver
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(ddf, v)

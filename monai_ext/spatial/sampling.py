@@ -164,33 +164,40 @@ def sample(
     volume = volume.permute(0, 1, *range(n + 1, 1, -1))
     halves = torch.tensor([max(s - 1, 1) / 2 for s in volume.shape[:1:-1]], dtype=located.dtype, device=located.device)
     minus_one = halves.new_full((), -1.0)
-    # coords=None: a block of whole slices along the first query axis, whose grid is the slice index there and
-    # the (broadcast) in-slice indices on the other axes
+    # coords=None (never with autograd): a block of whole slices along the first query axis, whose grid is the
+    # slice index there and the (broadcast) in-slice indices on the other axes; the normalised indices are formed
+    # once, and each block's grid in one pass per axis, (index / half - 1) + offset / half
     slice_size = math.prod(out_shape[1:])
-    axes = [torch.arange(s, dtype=located.dtype, device=located.device) for s in out_shape]
+    normalised_axes = [
+        torch.arange(s, dtype=located.dtype, device=located.device).div_(halves[axis]).sub_(1)
+        for axis, s in enumerate(out_shape)
+    ]
 
     def samples_at(first: int, last: int) -> torch.Tensor:  # (B, C, last - first) samples, any strides
+        size = last - first
+        chunks = _point_chunks(volume, batch, size)
         if points is None:
+            grid = volume.new_empty((grid_batch, size + -size % chunks, n))
+            grid[:, size:] = 0
+            block_offsets = offsets[..., first:last].reshape(grid_batch, n, -1, *out_shape[1:])
+            block_grid = grid[:, :size].view(grid_batch, -1, *out_shape[1:], n)
             rows = slice(first // slice_size, last // slice_size)
-            block_offsets = offsets[..., first:last].reshape(offsets.shape[0], n, -1, *out_shape[1:])
-            part = torch.empty_like(block_offsets)
             for axis in range(n):
-                index = axes[axis][rows] if axis == 0 else axes[axis]
-                torch.add(block_offsets[:, axis], index.view(-1, *([1] * (n - 1 - axis))), out=part[:, axis])
-            part = part.view(offsets.shape[0], n, -1)
+                index = normalised_axes[axis][rows] if axis == 0 else normalised_axes[axis]
+                scale = 1.0 / float(halves[axis])
+                view = index.view(-1, *([1] * (n - 1 - axis)))
+                torch.add(view, block_offsets[:, axis], alpha=scale, out=block_grid[..., axis])
         else:
             part = points[..., first:last]
             if offsets is not None:
                 part = part + offsets[..., first:last]
-        size = last - first
-        chunks = _point_chunks(volume, batch, size)
-        if tracked:  # (out= has no autograd)
-            grid = torch.addcdiv(minus_one, part.transpose(1, 2), halves).to(volume.dtype).contiguous()
-            grid = F.pad(grid, (0, 0, 0, -size % chunks))  # (grid_batch, padded, n)
-        else:
-            grid = volume.new_empty((part.shape[0], size + -size % chunks, n))
-            grid[:, size:] = 0
-            torch.addcdiv(minus_one, part, halves.view(1, n, 1), out=grid[:, :size].transpose(1, 2))
+            if tracked:  # (out= has no autograd)
+                grid = torch.addcdiv(minus_one, part.transpose(1, 2), halves).to(volume.dtype).contiguous()
+                grid = F.pad(grid, (0, 0, 0, -size % chunks))  # (grid_batch, padded, n)
+            else:
+                grid = volume.new_empty((part.shape[0], size + -size % chunks, n))
+                grid[:, size:] = 0
+                torch.addcdiv(minus_one, part, halves.view(1, n, 1), out=grid[:, :size].transpose(1, 2))
         samples = F.grid_sample(
             volume.expand(batch * chunks, *volume.shape[1:]),
             grid.expand(batch, -1, -1).reshape(batch * chunks, -1, *([1] * (n - 1)), n),
