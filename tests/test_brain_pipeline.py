@@ -329,3 +329,33 @@ def test_stages_are_the_sibling_bundles_models():
     for stage, sibling in (("affine_preprocessing", keymorph), ("preprocessing", sitreg)):
         for key in ("intensity", "centre"):
             assert raw[stage][key] == sibling["preprocessing"][key], (stage, key)
+
+
+@pytest.mark.parametrize("centre", ["foreground", "field_of_view"])
+def test_model_input_ignores_intensity_offset_and_scale(demo, centre):
+    """The brain models' input is the same for a scan, the scan stored with a negative or positive offset (CT-like
+    -1024 background, an offset of 200) and the z-scored scan: its background is moved to 0 before any
+    resampling pads with 0 and before the percentile scaling (without that, an offset scan read as nearly blank).
+    The cropped field of view (4 mm grid larger than the image) makes the padding count."""
+    image = nib.load(demo["moving_image"])
+    data = image.get_fdata()
+    variants = {
+        "plain": data,
+        "negative offset": data * 1000 - 1024,
+        "positive offset": data * 300 + 200,
+        "z-scored": (data - data.mean()) / data.std(),
+    }
+    transform = model_space_transforms(
+        ["moving_image"], pixdim=[4.0] * 3, spatial_size=(48, 56, 48), intensity="foreground_percentile",
+        centre=centre, load=False,
+    )  # fmt: skip
+    inputs = {
+        name: transform({"moving_image": MetaTensor(torch.as_tensor(values)[None], affine=torch.as_tensor(image.affine))})[
+            "moving_image"
+        ]
+        for name, values in variants.items()
+    }
+    plain = inputs.pop("plain")
+    assert float(plain.max()) == 1.0 and float((plain > 0.05).float().mean()) > 0.05  # a real brain image
+    for name, values in inputs.items():
+        torch.testing.assert_close(values, plain, rtol=0, atol=1e-4, msg=name)

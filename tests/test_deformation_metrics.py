@@ -216,3 +216,25 @@ def test_bad_inputs():
         target_registration_error(ddf, torch.zeros(1, 0, 3), torch.zeros(1, 0, 3))
     with pytest.raises(ValueError, match="spacing"):
         target_registration_error(ddf, torch.zeros(1, 4, 3), torch.zeros(1, 4, 3), spacing=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_determinant_slabs_and_cofactors_equal_the_whole_field_lu(n, monkeypatch):
+    """The determinants computed slab by slab (many slabs, the last partial) by cofactor expansion equal
+    torch.linalg.det of the whole field's finite-difference Jacobians, for every scheme and a batch of 2."""
+    import monai_ext.metrics.deformation as deformation
+
+    generator = torch.Generator().manual_seed(n)
+    shape = (9, 8, 7)[:n]
+    ddf = 0.4 * torch.randn(2, n, *shape, generator=generator, dtype=torch.float64)
+    for scheme in jacobian_schemes(n):
+        low, high, columns = deformation._stencil(scheme, n)
+        mapping = ddf + deformation.voxel_grid(shape, ddf.dtype)
+        cols = [sum(c * deformation._window(mapping, o, low, high) for c, o in column) for column in columns]
+        expected = torch.linalg.det(torch.stack(cols, dim=2).movedim((1, 2), (-2, -1))).unsqueeze(1)
+        whole = jacobian_determinant(ddf, scheme)
+        monkeypatch.setattr(deformation, "_DETERMINANT_BLOCK", 2 * int(np.prod(shape[1:])))  # 1 row per slab
+        slabs = jacobian_determinant(ddf, scheme)
+        monkeypatch.undo()
+        torch.testing.assert_close(whole, expected, rtol=0, atol=1e-12, msg=scheme)
+        assert torch.equal(slabs, whole), scheme

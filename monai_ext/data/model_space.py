@@ -30,7 +30,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from monai_ext.data.synthbrain import grid_affine, normalize_intensity
+from monai_ext.data.synthbrain import grid_affine, normalize_intensity, subtract_background
 
 __all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "loading_transforms", "model_space_transforms"]
 
@@ -157,7 +157,8 @@ def model_space_transforms(
     """MONAI preprocessing from files to model space, shared by the bundles.
 
     ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
-    -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
+    -> with an ``intensity`` scaling, the images' backgrounds to ~0
+    (:func:`monai_ext.data.synthbrain.subtract_background`) -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
     -> ``ResizeWithPadOrCropd(spatial_size)`` (symmetric, zero padding) -> intensity scaling of the images
     -> labels as ``torch.int64``.
     The outputs are ``MetaTensor`` s whose ``.affine`` is the model-space affine used by :func:`monai_ext.io.native.ddf_model_to_native`.
@@ -201,6 +202,8 @@ def model_space_transforms(
     if not images or len(set(keys)) != len(keys):
         raise ValueError(f"image_keys must be non-empty and distinct from label_keys, got {images} and {labels}")
     transforms = list(loading_transforms(images, labels).transforms) if load else []
+    if intensity is not None:  # background to ~0 before any resampling pads with 0 (offset or z-scored scans)
+        transforms.append(Lambdad(images, subtract_background))
     # the keys of intensity scaling: the images and their finer copies
     scaled = images + ([f"{key}{REFINE_SUFFIX}" for key in images] if refine_pixdim is not None else [])
     if centre == "foreground":

@@ -55,6 +55,7 @@ __all__ = [
     "sample_label_map",
     "synthesize_contrast",
     "normalize_intensity",
+    "subtract_background",
     "synthesis_index",
     "structure_labels",
     "HELD_OUT_MAPS",
@@ -259,6 +260,24 @@ def sample_label_map(
     voxels = torch.from_numpy(to_voxel[:3, :3]) @ world + torch.from_numpy(to_voxel[:3, 3:])
     values = sample(label_map.index[None, None].float(), voxels.float().reshape(1, 3, *shape), "nearest", "zeros")
     return values[0, 0].round().to(torch.uint8)
+
+
+def subtract_background(image: torch.Tensor, percentile: float = 0.1) -> torch.Tensor:
+    """``image`` minus its ``percentile``-th percentile (a robust minimum), as a floating-point tensor.
+
+    The background of a scan then reads ~0, the value that resampling pads with and that
+    :func:`normalize_intensity` expects: scans stored with an offset or z-scored (negative background) get the
+    same model input as the plain scan. An image whose background is 0 already is unchanged (the percentile is 0).
+    Any shape; ``MetaTensor`` metadata is kept.
+    """
+    values = image.flatten()
+    if values.numel() == 0:
+        return image.float() if not image.is_floating_point() else image
+    if values.numel() > 1 << 22:  # torch.quantile's size limit: a strided subsample is as good
+        values = values[:: -(-values.numel() // (1 << 22))]
+    level = float(torch.quantile(values.double(), percentile / 100))
+    image = image if image.is_floating_point() else image.float()
+    return image if level == 0 else image - level
 
 
 def normalize_intensity(image: torch.Tensor, percentile: float = 99.5) -> torch.Tensor:

@@ -468,6 +468,8 @@ class RegistrationWriter:
         """Write the selected outputs of one pair into ``folder``; ``forward`` as in :meth:`pair_row`."""
         model_inverse = item.get("inverse_ddf")
         wanted = set(self.outputs)
+        shape = "x".join(str(s) for s in forward.shape[2:])
+        self.logger.info(f"{name}: writing {', '.join(sorted(wanted))} on the native grids (fixed {shape})")
         inverse = None
         if isinstance(model_inverse, torch.Tensor) and wanted & {"inverse_ddf", "inverse_field_itk", "metrics"}:
             inverse = _to_native(model_inverse, moving, fixed)

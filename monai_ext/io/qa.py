@@ -40,8 +40,8 @@ _KEYPOINT_STYLE = {  # name -> (marker, colour, panels it is drawn on)
 
 
 def _volume(image, name: str, n: int) -> np.ndarray:
-    """``(*spatial)`` float64 array from ``(*spatial)``, ``(1, *spatial)`` or ``(1, 1, *spatial)``."""
-    array = image.detach().cpu().double().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float64)
+    """``(*spatial)`` float32 array from ``(*spatial)``, ``(1, *spatial)`` or ``(1, 1, *spatial)``."""
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
     if array.ndim < n or int(np.prod(array.shape[:-n])) != 1:
         raise ValueError(
             f"{name} must be (*spatial), (1, *spatial) or (1, 1, *spatial) with {n} spatial dims, got {array.shape}"
@@ -52,16 +52,32 @@ def _volume(image, name: str, n: int) -> np.ndarray:
     return array
 
 
-def _window(array: np.ndarray) -> np.ndarray:
-    """Intensities scaled so the 1st and 99th percentiles map to 0 and 1 (clipped)."""
+def _window(array: np.ndarray) -> tuple[float, float]:
+    """The 1st and 99th intensity percentiles, which the panels map to 0 and 1."""
     low, high = np.percentile(array, (1, 99))
-    return np.clip((array - low) / (high - low), 0, 1) if high > low else np.zeros_like(array)
+    return float(low), float(high)
+
+
+def _scaled(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """``plane`` scaled by ``window`` (:func:`_window`) into [0, 1], clipped."""
+    low, high = window
+    return np.clip((plane - low) / (high - low), 0, 1) if high > low else np.zeros_like(plane)
 
 
 def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
     """2-D slice across ``axis`` (ignored for 2-D arrays), transposed for ``imshow(origin="lower")``."""
     plane = np.take(array, index, axis=axis) if array.ndim == 3 else array
     return plane.T
+
+
+def _plane_indices(shape: Sequence[int], axis: int, index: int) -> np.ndarray:
+    """Voxel indices ``(n, *plane)`` of the slice ``index`` across ``axis`` (the whole grid in 2-D), untransposed:
+    only the panels' slices of the grid are formed, never the whole 3-D grid."""
+    if len(shape) == 2:
+        return np.indices(shape)
+    indices = np.indices([1 if a == axis else s for a, s in enumerate(shape)])
+    indices[axis] = index
+    return np.take(indices, 0, axis=1 + axis)
 
 
 def _views(shape: Sequence[int]) -> list[tuple[int, tuple[int, int]]]:
@@ -179,13 +195,25 @@ def qa_figure(
             raise ValueError(f"{name} must be on the ddf's (fixed) grid {shape}, got {images[name].shape}")
     det = _jacobian(ddf, jacobian, shape)
     points = _keypoints(keypoints, n)
-    grey = {name: _window(image) for name, image in images.items()}  # "fixed", "moving", "warped"
-    mapped = (ddf[0].detach().cpu().double() + voxel_grid(shape, torch.float64)).numpy()  # x + u(x)
+    windows = {name: _window(image) for name, image in images.items()}  # "fixed", "moving", "warped"
+    displacement = ddf[0].detach().cpu()
     step = grid_step or max(1, max(shape) // 16)
     tile = max(2, max(shape) // 8)
-    checker = (np.indices(shape) // tile).sum(0) % 2 == 0
-    grey["checkerboard"] = np.where(checker, grey["fixed"], grey["warped"])
-    grey["deformed grid"] = 0.5 * grey["warped"]
+
+    def grey(column: str, axis: int, index: int) -> np.ndarray | None:  # the panel's grey slice, if it has one
+        if column in images:
+            return _scaled(_slice(images[column], axis, index), windows[column])
+        if column == "checkerboard":
+            checker = (_plane_indices(shape, axis, index) // tile).sum(0).T % 2 == 0
+            return np.where(checker, grey("fixed", axis, index), grey("warped", axis, index))
+        if column == "deformed grid":
+            return 0.5 * grey("warped", axis, index)
+        return None
+
+    def mapped(axis: int, index: int) -> np.ndarray:  # x + u(x) on the slice, (n, *plane)
+        plane = displacement.select(1 + axis, index) if n == 3 else displacement
+        return plane.double().numpy() + _plane_indices(shape, axis, index)
+
     finite = det[np.isfinite(det)]
     norm = TwoSlopeNorm(
         vcenter=1.0, vmin=min(0.0, float(finite.min(initial=0.0))), vmax=max(2.0, float(finite.max(initial=2.0)))
@@ -204,10 +232,11 @@ def qa_figure(
             index = grid[axis] // 2 if n == 3 else 0
             ax.set_xticks([])
             ax.set_yticks([])
-            if column in grey:
-                ax.imshow(_slice(grey[column], axis, index), cmap="gray", vmin=0, vmax=1, **_IMSHOW)
+            shown = grey(column, axis, index)
+            if shown is not None:
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=1, **_IMSHOW)
             if column == "deformed grid":
-                _draw_grid(ax, np.stack([_slice(m, axis, index).T for m in mapped]), in_plane, step)
+                _draw_grid(ax, mapped(axis, index), in_plane, step)
             if column == "Jacobian det":
                 det_slice = _slice(det, axis, index)
                 shown_det = ax.imshow(det_slice, cmap="RdBu_r", norm=norm, **_IMSHOW)

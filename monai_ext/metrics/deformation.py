@@ -109,10 +109,33 @@ def jacobian_determinant(ddf: torch.Tensor, scheme: str = "central") -> torch.Te
         raise ValueError(
             f"ddf needs at least {low + high + 1} voxels per axis for scheme {scheme!r}, got {tuple(ddf.shape)}"
         )
-    mapping = ddf + voxel_grid(ddf.shape[2:], ddf.dtype, ddf.device)
-    cols = [sum(coef * _window(mapping, offset, low, high) for coef, offset in column) for column in columns]
-    jacobian = torch.stack(cols, dim=2)  # (B, rows = components, columns = derivative axes, *spatial')
-    return torch.linalg.det(jacobian.movedim((1, 2), (-2, -1))).unsqueeze(1)
+    # slabs of output rows along the first spatial axis (each reads its rows plus the stencil's margins), so that
+    # the temporaries stay small for fields of any size (the same values as for the whole field)
+    rows = ddf.shape[2] - low - high
+    step = max(1, _DETERMINANT_BLOCK // max(1, ddf.shape[0] * ddf.shape[3:].numel()))
+    blocks = []
+    for first in range(0, rows, step):
+        slab = ddf[:, :, first : min(rows, first + step) + low + high]
+        grid = voxel_grid(slab.shape[2:], slab.dtype, slab.device)
+        grid[0] += first
+        mapping = slab + grid
+        cols = [sum(coef * _window(mapping, offset, low, high) for coef, offset in column) for column in columns]
+        blocks.append(_determinant(cols))
+    return torch.cat(blocks, dim=2)
+
+
+# output voxels per slab of jacobian_determinant (temporaries of a few tens of MB)
+_DETERMINANT_BLOCK = 1 << 20
+
+
+def _determinant(cols: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, 1, *spatial)`` determinants of the matrices whose column ``d`` is ``cols[d]`` ``(B, n, *spatial)``, by
+    cofactor expansion (``torch.linalg.det`` would need the ``n x n`` matrices gathered voxel by voxel)."""
+    if len(cols) == 2:
+        (a, c), (b, d) = (col.unbind(1) for col in cols)
+        return (a * d - b * c).unsqueeze(1)
+    (a, d, g), (b, e, h), (c, f, i) = (col.unbind(1) for col in cols)  # rows a b c / d e f / g h i
+    return (a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)).unsqueeze(1)
 
 
 def folding_fraction(ddf: torch.Tensor, scheme: str = "central") -> torch.Tensor:

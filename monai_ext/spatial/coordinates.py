@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from monai_ext.spatial.sampling import check_ddf, voxel_grid
+from monai_ext.spatial.sampling import check_ddf
 
 __all__ = [
     "centered_normalized_spacing",
@@ -218,9 +218,12 @@ def _grid_term(ddf: torch.Tensor, linear: torch.Tensor, offset: torch.Tensor) ->
     """
     n, spatial = ddf.shape[1], ddf.shape[2:]
     linear, offset = linear.to(ddf), offset.to(ddf)
-    grid = voxel_grid(spatial, ddf.dtype, ddf.device).reshape(n, -1)
-    out = linear @ ddf.reshape(ddf.shape[0], n, -1) + offset[..., :n] @ grid + offset[..., n:]
-    return out.reshape(out.shape[0], n, *spatial)
+    out = (linear @ ddf.reshape(ddf.shape[0], n, -1)).reshape(-1, n, *spatial)
+    batch = offset.shape[:-2]
+    for axis, size in enumerate(spatial):  # offset[:, :n] @ x one axis at a time: no voxel grid is formed
+        index = torch.arange(size, dtype=ddf.dtype, device=ddf.device).view(size, *([1] * (n - 1 - axis)))
+        out += offset[..., axis].reshape(*batch, n, *([1] * n)) * index
+    return out.add_(offset[..., n].reshape(*batch, n, *([1] * n)))
 
 
 def _frame_pair(ddf: torch.Tensor, fixed_to_world: torch.Tensor, moving_to_world: torch.Tensor | None):
