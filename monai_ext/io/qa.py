@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from monai_ext.data.atomic import atomic_output
 from monai_ext.metrics.deformation import jacobian_determinant
-from monai_ext.spatial.sampling import check_ddf, voxel_grid
+from monai_ext.spatial.sampling import check_ddf
 
 __all__ = ["qa_figure", "FOLD_COLOR"]
 
