@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import itk
@@ -13,7 +14,7 @@ from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from monai_ext.cli import register
 from monai_ext.demo import write_demo_pair
-from monai_ext.data.model_space import ForegroundCentredGridd
+from monai_ext.data.model_space import ForegroundCentredGridd, model_space_transforms
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,24 @@ def test_world_shift_is_recovered_in_mm(demo_pair, tmp_path):
     warped = np.asarray(nib.load(str(folder / "warped_image.nii.gz")).dataobj)
     difference = np.abs(warped - np.asarray(image.dataobj))[np.asarray(image.dataobj) > 0.05]
     assert np.quantile(difference, 0.999) < 1e-2 and difference.max() < 0.03, (np.quantile(difference, 0.999), difference.max())
+
+
+def test_partial_field_of_view_warns(demo_pair, tmp_path):
+    """min_extent_mm: a 3-slice slab of the demo brain (6 mm thick along A after the LIA storage) is reported with
+    its world extent; the whole brain, any storage orientation, is not; the check needs the foreground centring."""
+    data = EnsureChannelFirstd("image")(LoadImaged("image", image_only=True)({"image": str(demo_pair["fixed_image"])}))
+    grids = ForegroundCentredGridd(["image"], pixdim=2.0, spatial_size=(88, 104, 88), min_extent_mm=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grids(dict(data))
+        flipped = _flipped_copy(demo_pair["fixed_image"], tmp_path / "flipped.nii.gz", (0, 1, 2))
+        grids(EnsureChannelFirstd("image")(LoadImaged("image", image_only=True)({"image": str(flipped)})))
+    image = nib.load(str(demo_pair["fixed_image"]))
+    slab = np.asarray(image.dataobj)[:, :, 40:43]
+    affine = image.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 40], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(slab, affine), str(tmp_path / "slab.nii.gz"))
+    data = EnsureChannelFirstd("image")(LoadImaged("image", image_only=True)({"image": str(tmp_path / "slab.nii.gz")}))
+    with pytest.warns(UserWarning, match=r"slab.nii.gz: its foreground spans only \d+ x 6 x \d+ mm .* under 80 mm"):
+        grids(data)
+    with pytest.raises(ValueError, match="min_extent_mm needs centre='foreground'"):
+        model_space_transforms(["image"], pixdim=2.0, spatial_size=(88, 104, 88), min_extent_mm=80)

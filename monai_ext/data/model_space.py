@@ -10,6 +10,8 @@ the result is described by its ``MetaTensor.affine`` (voxel to RAS mm of the ima
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -68,6 +70,8 @@ class ForegroundCentredGridd(MapTransform):
         refine_pixdim: also write each image on a finer grid of the same centre and extent with voxels of
             ``refine_pixdim`` mm (``spatial_size * pixdim / refine_pixdim`` voxels, rounded) under
             ``<key>_refine`` (:data:`REFINE_SUFFIX`), e.g. for an intensity refinement of the network's result.
+        min_extent_mm: warn (``UserWarning``) when an image's foreground spans less than this along a world axis,
+            e.g. a slab or a partial field of view given to a model of whole brains; ``None``: no check.
         allow_missing_keys: skip absent keys (e.g. pairs without label maps).
     """
 
@@ -80,9 +84,11 @@ class ForegroundCentredGridd(MapTransform):
         threshold: float = 0.1,
         frame_keys: Mapping[str, str] | None = None,
         refine_pixdim: float | None = None,
+        min_extent_mm: float | None = None,
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.min_extent_mm = None if min_extent_mm is None else float(min_extent_mm)
         if refine_pixdim is not None and not refine_pixdim > 0:
             raise ValueError(f"refine_pixdim must be > 0, got {refine_pixdim}")
         self.refine_pixdim = None if refine_pixdim is None else float(refine_pixdim)
@@ -100,16 +106,31 @@ class ForegroundCentredGridd(MapTransform):
         self.label_resampler = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float64)
 
     def centroid(self, image: MetaTensor) -> np.ndarray:
-        """World position (RAS mm) of the foreground centroid of ``image`` ``(1, *spatial)``."""
+        """World position (RAS mm) of the foreground centroid of ``image`` ``(1, *spatial)``; with ``min_extent_mm``
+        also warns when the foreground's world bounding box is narrower than that along an axis."""
         values = image[0].float()
         sample_values = values.flatten()[:: max(1, values.numel() // (1 << 22))]
         level = self.threshold * float(torch.quantile(sample_values, 0.99))
         mask = values > level
         if not mask.any():
             mask = torch.ones_like(values, dtype=torch.bool)
-        index = torch.nonzero(mask).double().mean(0).numpy()
+        indices = torch.nonzero(mask).double()
         affine = np.asarray(image.affine, dtype=np.float64)
-        return (affine @ np.append(index, 1.0))[:3]
+        if self.min_extent_mm is not None:
+            low, high = indices.amin(0).numpy() - 0.5, indices.amax(0).numpy() + 0.5  # voxel box, outer faces
+            corners = np.array(list(itertools.product(*zip(low, high))))  # (2^n, n)
+            world = corners @ affine[:-1, :-1].T
+            extent = world.max(0) - world.min(0)
+            if extent.min() < self.min_extent_mm:
+                name = image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image"
+                warnings.warn(
+                    f"{name}: its foreground spans only {' x '.join(f'{e:.0f}' for e in extent)} mm along the world "
+                    f"axes (R, A, S), under {self.min_extent_mm:.0f} mm along one: this model expects whole brains, "
+                    "and a slab or partial field of view may register poorly",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return (affine @ np.append(indices.mean(0).numpy(), 1.0))[:3]
 
     def __call__(self, data):
         d = dict(data)
@@ -153,6 +174,7 @@ def model_space_transforms(
     load: bool = True,
     frame_keys: Mapping[str, str] | None = None,
     refine_pixdim: float | None = None,
+    min_extent_mm: float | None = None,
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
@@ -184,6 +206,8 @@ def model_space_transforms(
             extent with voxels of ``refine_pixdim`` mm under ``<key>_refine`` (:data:`REFINE_SUFFIX`; intensity
             scaled alike), for an intensity refinement of the network's result at that precision
             (:func:`monai_ext.engines.affine_refinement.refine_keymorph_result`).
+        min_extent_mm: ``centre="foreground"`` only: warn about images whose foreground is narrower than this
+            along a world axis (:class:`ForegroundCentredGridd`).
     """
     if isinstance(pixdim, (int, float)):
         pixdim = (float(pixdim),)  # isotropic: Spacingd repeats the last value over the remaining axes
@@ -195,6 +219,8 @@ def model_space_transforms(
         raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
     if frame_keys and centre != "foreground":
         raise ValueError("frame_keys needs centre='foreground'")
+    if min_extent_mm is not None and centre != "foreground":
+        raise ValueError(f"min_extent_mm needs centre='foreground', got centre={centre!r}")
     if refine_pixdim is not None and centre != "foreground":
         raise ValueError(f"refine_pixdim needs centre='foreground', got centre={centre!r}")
     images, labels = list(image_keys), list(label_keys)
@@ -208,7 +234,10 @@ def model_space_transforms(
     scaled = images + ([f"{key}{REFINE_SUFFIX}" for key in images] if refine_pixdim is not None else [])
     if centre == "foreground":
         transforms.append(
-            ForegroundCentredGridd(images, labels, pixdim[0], spatial_size, frame_keys=frame_keys, refine_pixdim=refine_pixdim)
+            ForegroundCentredGridd(
+                images, labels, pixdim[0], spatial_size, frame_keys=frame_keys, refine_pixdim=refine_pixdim,
+                min_extent_mm=min_extent_mm,
+            )  # fmt: skip
         )
     else:
         transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
