@@ -117,20 +117,25 @@ class ForegroundCentredGridd(MapTransform):
         indices = torch.nonzero(mask).double()
         affine = np.asarray(image.affine, dtype=np.float64)
         if self.min_extent_mm is not None:
-            low, high = indices.amin(0).numpy() - 0.5, indices.amax(0).numpy() + 0.5  # voxel box, outer faces
-            corners = np.array(list(itertools.product(*zip(low, high))))  # (2^n, n)
-            world = corners @ affine[:-1, :-1].T
-            extent = world.max(0) - world.min(0)
-            if extent.min() < self.min_extent_mm:
-                name = image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image"
-                warnings.warn(
-                    f"{name}: its foreground spans only {' x '.join(f'{e:.0f}' for e in extent)} mm along the world "
-                    f"axes (R, A, S), under {self.min_extent_mm:.0f} mm along one: this model expects whole brains, "
-                    "and a slab or partial field of view may register poorly",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            self._check_extent(indices, affine, image)
         return (affine @ np.append(indices.mean(0).numpy(), 1.0))[:3]
+
+    def _check_extent(self, indices: torch.Tensor, affine: np.ndarray, image: torch.Tensor) -> None:
+        """Warn when the world bounding box (mm) of the foreground voxels ``indices`` ``(N, n)`` is narrower than
+        ``min_extent_mm`` along a world axis."""
+        low, high = indices.amin(0).numpy() - 0.5, indices.amax(0).numpy() + 0.5  # voxel box, outer faces
+        corners = np.array(list(itertools.product(*zip(low, high))))  # (2^n, n)
+        world = corners @ affine[:-1, :-1].T
+        extent = world.max(0) - world.min(0)
+        if extent.min() < self.min_extent_mm:
+            name = image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image"
+            warnings.warn(
+                f"{name}: its foreground spans only {' x '.join(f'{e:.0f}' for e in extent)} mm along the world "
+                f"axes (R, A, S), under {self.min_extent_mm:.0f} mm along one: this model expects whole brains, "
+                "and a slab or partial field of view may register poorly",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def __call__(self, data):
         d = dict(data)
@@ -180,7 +185,8 @@ def model_space_transforms(
 
     ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
     -> with an ``intensity`` scaling, the images' backgrounds to ~0
-    (:func:`monai_ext.data.synthbrain.subtract_background`) -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
+    (:func:`monai_ext.data.synthbrain.subtract_background`) -> ``Orientationd("RAS")``
+    -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)
     -> ``ResizeWithPadOrCropd(spatial_size)`` (symmetric, zero padding) -> intensity scaling of the images
     -> labels as ``torch.int64``.
     The outputs are ``MetaTensor`` s whose ``.affine`` is the model-space affine used by :func:`monai_ext.io.native.ddf_model_to_native`.

@@ -262,6 +262,14 @@ def sample_label_map(
     return values[0, 0].round().to(torch.uint8)
 
 
+def _percentile(values: torch.Tensor, percentile: float, dtype: torch.dtype) -> torch.Tensor:
+    """The ``percentile`` of the non-empty 1-D ``values`` computed in ``dtype``; beyond ``torch.quantile``'s size
+    limit (2^24 elements) of an evenly strided subsample of at most 2^22, which is as good for an image."""
+    if values.numel() > 1 << 22:
+        values = values[:: -(-values.numel() // (1 << 22))]
+    return torch.quantile(values.to(dtype), percentile / 100)
+
+
 def subtract_background(image: torch.Tensor, percentile: float = 0.1) -> torch.Tensor:
     """``image`` minus its ``percentile``-th percentile (a robust minimum), as a floating-point tensor.
 
@@ -270,12 +278,7 @@ def subtract_background(image: torch.Tensor, percentile: float = 0.1) -> torch.T
     same model input as the plain scan. An image whose background is 0 already is unchanged (the percentile is 0).
     Any shape; ``MetaTensor`` metadata is kept.
     """
-    values = image.flatten()
-    if values.numel() == 0:
-        return image.float() if not image.is_floating_point() else image
-    if values.numel() > 1 << 22:  # torch.quantile's size limit: a strided subsample is as good
-        values = values[:: -(-values.numel() // (1 << 22))]
-    level = float(torch.quantile(values.double(), percentile / 100))
+    level = float(_percentile(image.flatten(), percentile, torch.float64)) if image.numel() else 0.0
     image = image if image.is_floating_point() else image.float()
     return image if level == 0 else image - level
 
@@ -286,9 +289,7 @@ def normalize_intensity(image: torch.Tensor, percentile: float = 99.5) -> torch.
     positive = image[image > 0]
     if positive.numel() == 0:
         return image.clamp(min=0)
-    if positive.numel() > 1 << 22:  # torch.quantile's size limit: a strided subsample is as good
-        positive = positive[:: -(-positive.numel() // (1 << 22))]
-    scale = torch.quantile(positive.float(), percentile / 100).clamp(min=1e-12)
+    scale = _percentile(positive, percentile, torch.float32).clamp(min=1e-12)
     return (image / scale).clamp(0, 1)
 
 
