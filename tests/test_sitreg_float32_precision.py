@@ -58,20 +58,27 @@ def _forward_and_inverse(network: SITReg, moving: torch.Tensor, fixed: torch.Ten
     return forward_ddf.double(), inverse_ddf.double(), network.inversion.forward_solver.last_iterations
 
 
-def test_lumir_float32_matches_float64():
-    """Float32 within 5e-4 voxel of float64 on displacements of 10-12 voxels (measured 1.5e-4 forward,
-    2.9e-4 inverse; 1.9e-3 / 1.6e-3 with PyTorch's GroupNorm), with the inversion step counts within one."""
+@pytest.mark.parametrize("onednn", [False, True], ids=["aten_convolutions", "onednn_convolutions"])
+def test_lumir_float32_matches_float64(onednn):
+    """Float32 within 5e-4 voxel of float64 on displacements of 10-12 voxels, with the inversion step counts within
+    one, when the convolutions are PyTorch's own (im2col + BLAS: 2.1e-4 forward / 2.5e-4 inverse measured): the bound
+    on this package's arithmetic (1.9e-3 / 1.6e-3 with PyTorch's GroupNorm). With oneDNN's convolutions, PyTorch's
+    default on the CPU, the error is that of the CPU's oneDNN kernels: 1.5e-4 / 2.9e-4 on the machine of 2026-12-06,
+    7.0e-4 / 8.0e-4 on an AVX2-only AMD EPYC (oneDNN's AVX2 kernels sum a 64-channel 3^3 convolution's 1728 products
+    with ~6x the error of a BLAS product), bounded by 1.2e-3 here."""
     generator = torch.Generator().manual_seed(1)
     images = F.avg_pool3d(torch.rand(2, 1, 40, 56, 48, generator=generator, dtype=torch.float64), 3, 1, 1,
                           count_include_pad=False)  # fmt: skip
     network = _lumir_network(seed=1, amplification=15.0)
     forward_64, inverse_64, steps_64 = _forward_and_inverse(network, images[:1], images[1:], torch.float64)
-    forward_32, inverse_32, steps_32 = _forward_and_inverse(network, images[:1], images[1:], torch.float32)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        forward_32, inverse_32, steps_32 = _forward_and_inverse(network, images[:1], images[1:], torch.float32)
     assert forward_64.abs().max() > 9.0 and inverse_64.abs().max() > 9.0  # the ~10-voxel scale
     # the solves stop at residuals within ~10 % of their threshold, where float32 rounding may move one step
     assert abs(steps_32 - steps_64) <= 1
-    assert (forward_32 - forward_64).abs().max() <= 5e-4
-    assert (inverse_32 - inverse_64).abs().max() <= 5e-4
+    bound = 1.2e-3 if onednn else 5e-4
+    assert (forward_32 - forward_64).abs().max() <= bound
+    assert (inverse_32 - inverse_64).abs().max() <= bound
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 9, 10, 11), (2, 8, 13, 14)])
