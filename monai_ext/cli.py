@@ -33,8 +33,8 @@ flags serve SITReg and KeyMorph bundles: ``--no_weights`` registers without trai
 ``load_pretrained=False``; KeyMorph: ``checkpoint=""``; add ``--instance_optimization_steps N`` to optimise the
 network on each pair first) and ``--weights PATH`` uses another weights file.
 
-Bad input (a missing or unreadable file, an image of the wrong dimensionality, non-finite or constant voxels, a
-label map whose grid differs from its image's, a self pair, an output location that is a file or not writable,
+Bad input (a missing or unreadable file, an image of the wrong dimensionality, infinite voxels, a constant image,
+a label map whose grid differs from its image's, a self pair, an output location that is a file or not writable,
 an existing pair folder without ``--overwrite``, missing weights, an unknown flag or a bad value) is reported
 as one line ``error: <message>`` on stderr with exit status 2, before anything is computed or written; so is a
 pair whose keypoints admit no affine (:class:`~monai_ext.engines.affine_deformable.AffineFitError`, found during

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -52,8 +53,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     noise = rng.random(SHAPE).astype(np.float32)
     (root / "garbage.nii.gz").write_bytes(b"this is not an image")
     (root / "empty.nii.gz").write_bytes(b"")
-    nan, inf = noise.copy(), noise.copy()
-    nan[3, 4, 5], inf[1, 1, 1] = np.nan, np.inf
+    inf = noise.copy()
+    inf[1, 1, 1] = np.inf
+    all_nan = np.full(SHAPE, np.nan, np.float32)  # NaN voxels read as background, but there is no image left
     shifted = grid_affine(SHAPE)
     shifted[:3, 3] += 5.0
     label = np.asarray(nib.load(good["moving_label"]).dataobj)
@@ -63,7 +65,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "flat2d": _save(root / "flat2d.nii.gz", rng.random((16, 16)).astype(np.float32), np.eye(4)),
         "slice": _save(root / "slice.nii.gz", rng.random((16, 16, 1)).astype(np.float32)),
         "channels": _save(root / "channels.nii.gz", rng.random((*SHAPE, 1, 2)).astype(np.float32)),
-        "nan": _save(root / "nan.nii.gz", nan),
+        "all_nan": _save(root / "all_nan.nii.gz", all_nan),
         "inf": _save(root / "inf.nii.gz", inf),
         "zeros": _save(root / "zeros.nii.gz", np.zeros(SHAPE, np.float32)),
         "fives": _save(root / "fives.nii.gz", np.full(SHAPE, 5, np.int16)),
@@ -107,8 +109,8 @@ CLI_CASES = {
     "2-D image": (["sitreg_oasis", "{flat2d}", F, "{out}"], "expected a single-channel 3-D image"),
     "one-slice image": (["sitreg_oasis", M, "{slice}", "{out}"], "expected a single-channel 3-D image"),
     "two channels": (["sitreg_oasis", "{channels}", F, "{out}"], "single-channel"),
-    "NaN voxel": (["sitreg_oasis", M, "{nan}", "{out}"], "1 voxels are NaN or infinite"),
-    "infinite voxel": (["sitreg_oasis", "{inf}", F, "{out}"], "1 voxels are NaN or infinite"),
+    "every voxel NaN": (["sitreg_oasis", M, "{all_nan}", "{out}"], "no finite voxel: 4096 of 4096 voxels are NaN"),
+    "infinite voxel": (["sitreg_oasis", "{inf}", F, "{out}"], "1 voxels are infinite"),
     "all-zero moving": (["sitreg_oasis", "{zeros}", F, "{out}"], "the image is constant (every voxel is 0)"),
     "all-zero fixed": (["sitreg_oasis", M, "{zeros}", "{out}"], "the image is constant (every voxel is 0)"),
     "constant non-zero": (["sitreg_oasis", "{fives}", F, "{out}"], "the image is constant (every voxel is 5)"),
@@ -297,7 +299,7 @@ BUNDLE_CASES = {
     "unreadable": ({"fixed_image": "{garbage}"}, "cannot read image"),
     "empty file": ({"moving_image": "{empty}"}, "cannot read image"),
     "2-D image": ({"moving_image": "{flat2d}"}, "expected a single-channel 3-D image"),
-    "NaN voxel": ({"fixed_image": "{nan}"}, "1 voxels are NaN or infinite"),
+    "infinite voxel": ({"fixed_image": "{inf}"}, "1 voxels are infinite"),
     "all-zero image": ({"moving_image": "{zeros}"}, "the image is constant (every voxel is 0)"),
     "constant image": ({"fixed_image": "{fives}"}, "the image is constant (every voxel is 5)"),
     "label off grid": ({"moving_label": "{label_shifted}"}, "does not match its image"),
@@ -398,3 +400,27 @@ def test_bundle_existing_pair_folder(overwrite, files, tmp_path):
     message = "exists and is not a folder" if overwrite else "already exists"
     assert message in str(_raised_input_error(raised))
     assert [p.name for p in out.iterdir()] == ["moving__fixed"]
+
+
+def test_cli_nan_background_registers_as_its_lowest_value(files, tmp_path):
+    """NaN voxels (the "no data" background of some SPM / FSL outputs) are not an error: they read as the image's
+    lowest value, with a warning naming the file, and the registration equals that of the image filled so."""
+    image = nib.load(files["moving_image"])
+    holes = np.asarray(image.dataobj, np.float32).copy()
+    holes[:4] = np.nan
+    filled = np.where(np.isnan(holes), np.nanmin(holes), holes)
+    results = {}
+    for name, data in (("holes", holes), ("filled", filled)):
+        (tmp_path / name).mkdir()
+        moving = _save(tmp_path / name / "moving.nii.gz", data, image.affine)
+        out = tmp_path / f"out_{name}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["register", "sitreg_oasis", moving, files["fixed_image"], str(out), "--no_weights", *TINY]) == 0
+        expected = [f"{moving}: 1024 NaN voxels (25.0%) read as background (the image's lowest value)"]
+        assert [str(w.message) for w in caught if "NaN" in str(w.message)] == (expected if name == "holes" else [])
+        results[name] = {f.name: np.asarray(nib.load(f).dataobj) for f in (out / "moving__fixed").glob("*.nii.gz")}
+    assert results["holes"].keys() == results["filled"].keys() and "warped_image.nii.gz" in results["holes"]
+    for key, array in results["holes"].items():
+        assert np.isfinite(array).all(), key
+        np.testing.assert_array_equal(array, results["filled"][key], err_msg=key)

@@ -87,9 +87,9 @@ def _bad_inputs(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], 
     garbage = tmp / "garbage.nii.gz"
     garbage.write_bytes(b"this is not an image")
     flat = _save(tmp / "flat.nii.gz", np.random.rand(16, 16).astype(np.float32), np.eye(4))
-    nan_array = np.random.rand(*SHAPE).astype(np.float32)
-    nan_array[3, 4, 5] = np.nan
-    with_nan = _save(tmp / "nan.nii.gz", nan_array)
+    inf_array = np.random.rand(*SHAPE).astype(np.float32)
+    inf_array[3, 4, 5] = np.inf
+    with_inf = _save(tmp / "inf.nii.gz", inf_array)
     shifted_affine = demo_affine(SHAPE)
     shifted_affine[:3, 3] += 5.0
     off_grid = _save(tmp / "off_grid.nii.gz", np.zeros(SHAPE, np.int16), shifted_affine)
@@ -97,7 +97,7 @@ def _bad_inputs(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], 
         "missing": ([str(tmp / "absent.nii.gz"), fixed], "MOVING not found"),
         "unreadable": ([moving, str(garbage)], "cannot read image"),
         "2-D": ([str(flat), fixed], "expected a single-channel 3-D image"),
-        "NaN": ([moving, with_nan], "1 voxels are NaN or infinite"),
+        "infinite": ([moving, with_inf], "1 voxels are infinite"),
         "label grid": ([moving, fixed, "--moving_label", off_grid, "--fixed_label", labels[3]], "does not match its image"),
         "self pair": ([moving, moving], "same file"),
     }

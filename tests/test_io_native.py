@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from monai_ext.data.base import fill_nan_background
 from monai_ext.io.itk_fields import write_image
 from monai_ext.data.model_space import model_space_transforms
 from monai_ext.io.native import ddf_model_to_native, load_image
@@ -206,13 +207,18 @@ def test_load_image_errors_name_the_file(tmp_path, native_files):
     with pytest.raises(ValueError, match="slice.nii.gz"):
         load_image(single)
     data = np.ones((6, 6, 6), np.float32)
-    data[1, 2, 3] = np.nan
-    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
-    with pytest.raises(ValueError, match="nan.nii.gz: 1 voxels are NaN"):
+    data[1, 2, 3] = -np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "inf.nii.gz")
+    with pytest.raises(ValueError, match="inf.nii.gz: 1 voxels are infinite"):
+        load_image(tmp_path / "inf.nii.gz")
+    itk.imwrite(itk.image_from_array(data), str(tmp_path / "inf.mha"))  # the ITK reader path
+    with pytest.raises(ValueError, match="inf.mha: 1 voxels are infinite"):
+        load_image(tmp_path / "inf.mha")
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(ValueError, match="nan.nii.gz: no finite voxel: 216 of 216 voxels are NaN"):
         load_image(tmp_path / "nan.nii.gz")
-    itk.imwrite(itk.image_from_array(data), str(tmp_path / "nan.mha"))  # the ITK reader path
-    with pytest.raises(ValueError, match="nan.mha: 1 voxels are NaN"):
-        load_image(tmp_path / "nan.mha")
+    with pytest.raises(ValueError, match="nan.nii.gz: a label map must hold integer values"):
+        load_image(tmp_path / "nan.nii.gz", label=True)
     nib.save(nib.Nifti1Image(np.full((6, 6, 6), 1.5, np.float32), np.eye(4)), tmp_path / "soft.nii.gz")
     with pytest.raises(ValueError, match="soft.nii.gz: a label map must hold integer values"):
         load_image(tmp_path / "soft.nii.gz", label=True)
@@ -225,6 +231,40 @@ def test_load_image_errors_name_the_file(tmp_path, native_files):
         path = write_image(tmp_path / f"{name}.nii.gz", np.zeros(shape, np.uint8), grid)
         with pytest.raises(ValueError, match=f"{name}.nii.gz: grid .* does not match its image"):
             load_image(path, label=True, reference=fixed)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_nan_background_reads_as_the_lowest_value(tmp_path, suffix):
+    """NaN voxels (the "no data" background of some SPM / FSL outputs) read as the image's lowest finite value, in
+    the input checks and in the bundles' loading (which warns, naming the file); NIfTI (nibabel) and ITK readers."""
+    data = np.random.default_rng(0).uniform(-1000, 400, (7, 8, 9)).astype(np.float32)
+    data[:2] = np.nan
+    data[2:, :3, :] = -1024  # a CT-like background outside the NaN slab
+    path = tmp_path / f"scan{suffix}"
+    if suffix == ".mha":  # ITK's array order is reversed: the same voxels on an identity grid
+        itk.imwrite(itk.image_from_array(np.ascontiguousarray(data.transpose(2, 1, 0))), str(path))
+    else:
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    expected = torch.as_tensor(np.where(np.isnan(data), -1024, data))[None]
+    loaded = load_image(path)
+    assert torch.equal(loaded.as_tensor(), expected)
+    with pytest.warns(UserWarning, match=f"scan{suffix}: 144 NaN voxels \\(28.6%\\) read as background"):
+        item = model_space_transforms(["image"], intensity=None)({"image": str(path)})
+    ras = expected.flip(1, 2) if suffix == ".mha" else expected  # identity grid in LPS: reoriented to RAS
+    assert torch.equal(item["image"].as_tensor(), ras)
+
+
+def test_fill_nan_background_values():
+    image = torch.tensor([[3.0, math.nan, -2.0], [math.inf, math.nan, 5.0]])
+    filled, count = fill_nan_background(image)
+    assert count == 2 and torch.equal(filled, torch.tensor([[3.0, -2.0, -2.0], [math.inf, -2.0, 5.0]]))
+    assert torch.isnan(image).sum() == 2  # the input is not modified
+    plain = torch.arange(6.0)
+    assert fill_nan_background(plain) == (plain, 0) and fill_nan_background(plain)[0] is plain
+    integers = torch.arange(6)
+    assert fill_nan_background(integers)[0] is integers
+    with pytest.raises(ValueError, match="no finite voxel: 2 of 3 voxels are NaN, the rest infinite"):
+        fill_nan_background(torch.tensor([math.nan, -math.inf, math.nan]))
 
 
 def test_model_space_transforms_bad_options():

@@ -1,4 +1,4 @@
-"""Pieces shared by the dataset modules: archive preparation, pair dicts and SITReg's volume pipeline.
+"""Pieces shared by the dataset modules: archive preparation, pair dicts, NaN backgrounds and SITReg's volume pipeline.
 
 SITReg's generic pipeline (that of the authors' reference implementation), in order: crop -> centred crop-or-pad ->
 average-pool by the downsampling factor -> clip -> ``(x - shift) / scale``; masks go through crop,
@@ -6,7 +6,8 @@ crop-or-pad and pooling and are then thresholded at ``>= 1 - 1e-5`` (a pooled vo
 if every fine voxel was); label maps are only cropped / padded (evaluation at full resolution).
 :func:`volume_transforms` builds it from MONAI transforms plus the three hand-written ones below
 (MONAI's ``ResizeWithPadOrCrop`` centres an even-minus-odd crop one voxel differently, and MONAI
-has no average-pooling transform).
+has no average-pooling transform). Before it, NaN voxels of the images read as their background
+(:class:`FillNaNBackgroundd`, also used by :mod:`monai_ext.data.model_space`).
 
 Points (landmarks, keypoints) are ``(N, n)`` float tensors of voxel coordinates in array-axis order
 of the image they belong to; the transforms keep them on the same voxels as the image.
@@ -15,7 +16,9 @@ of the image they belong to; the transforms keep them on the same voxels as the 
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import warnings
 import tarfile
 import zipfile
 from collections.abc import Hashable, Mapping, Sequence
@@ -58,6 +61,8 @@ __all__ = [
     "ShiftAndMaskd",
     "LoadPointsd",
     "OrientLiked",
+    "fill_nan_background",
+    "FillNaNBackgroundd",
     "volume_transforms",
 ]
 
@@ -303,6 +308,46 @@ class OrientLiked(MapTransform):
         return d
 
 
+def fill_nan_background(image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``image`` (any shape, e.g. ``(1, *spatial)``) with its NaN voxels set to its lowest finite value, and their count.
+
+    Some tools store "no data" outside the head or body as NaN (SPM's masked and normalised images, divisions by
+    zero in FSL); ITK's NIfTI reader silently reads those voxels as 0. Here they read as the image's background,
+    its lowest finite value (0 for most MRI, about -1024 for CT), so that the intensity steps and resampling see a
+    plain background. Infinite voxels are left as they are (corrupt data: the input checks refuse them). Returns
+    ``image`` itself when it holds no NaN; raises ``ValueError`` when every voxel is NaN or infinite.
+    """
+    if not image.is_floating_point():
+        return image, 0
+    nan = torch.isnan(image)
+    count = int(nan.sum())
+    if count == 0:
+        return image, 0
+    low = float(torch.where(torch.isfinite(image), image, math.inf).amin())
+    if low == math.inf:
+        raise ValueError(f"no finite voxel: {count} of {image.numel()} voxels are NaN, the rest infinite")
+    return image.masked_fill(nan, low), count
+
+
+class FillNaNBackgroundd(MapTransform):
+    """:func:`fill_nan_background` on intensity images (``(C, *spatial)``, after ``LoadImaged``), with a
+    ``UserWarning`` naming the file and the number of NaN voxels (MONAI has no NaN-replacing transform)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key], count = fill_nan_background(d[key])
+            if count:
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                warnings.warn(
+                    f"{source}: {count} NaN voxels ({100 * count / d[key].numel():.1f}%) read as background "
+                    "(the image's lowest value)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return d
+
+
 def volume_transforms(
     image_keys: Sequence[str],
     mask_keys: Sequence[str] = (),
@@ -318,7 +363,8 @@ def volume_transforms(
     """SITReg's volume pipeline (module docstring) as a MONAI ``Compose`` over a case or pair dict.
 
     Args:
-        image_keys: intensity images (file paths in, float32 ``(1, *spatial)`` MetaTensors out).
+        image_keys: intensity images (file paths in, float32 ``(1, *spatial)`` MetaTensors out; NaN voxels read as
+            the image's lowest value, :class:`FillNaNBackgroundd`).
         mask_keys: masks, aligned with ``image_keys`` when ``lung_shift`` is set; pooled and thresholded.
         label_keys: label maps, cropped / padded only (int64, full resolution).
         point_keys: ``{point key: image key}``; ``.csv`` paths or ``(N, n)`` voxel coordinates of that image,
@@ -338,6 +384,8 @@ def volume_transforms(
     point_keys = dict(point_keys or {})
     grid_keys = image_keys + mask_keys + label_keys
     transforms: list = [LoadImaged(keys=grid_keys, ensure_channel_first=True, image_only=True)]
+    if image_keys:
+        transforms.append(FillNaNBackgroundd(image_keys))
     moving = [key for key in grid_keys if key.startswith("moving_")]
     if moving and "fixed_image" in grid_keys:
         moving_points = [point for point, image in point_keys.items() if image in moving]

@@ -32,6 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from monai_ext.data.base import FillNaNBackgroundd
 from monai_ext.data.synthbrain import grid_affine, normalize_intensity, subtract_background
 
 __all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "loading_transforms", "model_space_transforms"]
@@ -162,10 +163,13 @@ class ForegroundCentredGridd(MapTransform):
 
 def loading_transforms(image_keys: Sequence[str], label_keys: Sequence[str] = ()) -> Compose:
     """The loading steps of :func:`model_space_transforms`: ``LoadImaged`` (image only) + ``EnsureChannelFirstd``
-    on ``image_keys`` then ``label_keys``; file paths in, channel-first ``MetaTensor`` s ``(1, *spatial)`` with their
-    file metadata out (the input of ``model_space_transforms(..., load=False)``)."""
+    on ``image_keys`` then ``label_keys``, then NaN voxels of the images read as their lowest value
+    (:class:`~monai_ext.data.base.FillNaNBackgroundd`); file paths in, channel-first ``MetaTensor`` s
+    ``(1, *spatial)`` with their file metadata out (the input of ``model_space_transforms(..., load=False)``)."""
     keys = list(image_keys) + list(label_keys)
-    return Compose([LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)])
+    return Compose(
+        [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), FillNaNBackgroundd(list(image_keys))]
+    )
 
 
 def model_space_transforms(
@@ -184,6 +188,7 @@ def model_space_transforms(
     """MONAI preprocessing from files to model space, shared by the bundles.
 
     ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
+    -> NaN voxels of the images to their lowest value (:class:`~monai_ext.data.base.FillNaNBackgroundd`)
     -> with an ``intensity`` scaling, the images' backgrounds to ~0
     (:func:`monai_ext.data.synthbrain.subtract_background`) -> ``Orientationd("RAS")``
     -> ``Spacingd(pixdim)`` (linear for images, nearest for labels)

@@ -21,6 +21,7 @@ import torch
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 
+from monai_ext.data.base import fill_nan_background
 from monai_ext.spatial.coordinates import ddf_voxel_to_world, invert_homogeneous, voxel_to_world
 from monai_ext.spatial.sampling import affine_to_ddf, check_ddf, sample, voxel_grid
 
@@ -124,7 +125,9 @@ def load_image(
     NIfTI files are read with ``NibabelReader``, all other formats with ``ITKReader`` (MONAI's own default
     choice, also used by :func:`monai_ext.data.model_space.model_space_transforms`; both give the same RAS
     affine). ITK's NIfTI reader is avoided because it silently replaces NaN and infinite voxels with 0, hiding
-    corrupt data.
+    corrupt data: here infinite voxels are refused, and NaN voxels of an intensity image (the "no data" background of
+    some SPM and FSL outputs) read as its lowest finite value, as the bundles' loading does
+    (:func:`monai_ext.data.base.fill_nan_background`, where the bundles warn about them).
 
     Args:
         path: the file.
@@ -138,7 +141,7 @@ def load_image(
 
     Raises:
         FileNotFoundError: missing file. ValueError: unreadable file, wrong dimensionality or channel count,
-        non-finite voxels, non-integer labels, grid differing from ``reference``; every message names the file.
+        infinite voxels, no finite voxel, non-integer (or NaN) labels, grid differing from ``reference``; every message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -154,12 +157,16 @@ def load_image(
         raise ValueError(f"{path}: expected a single-channel {spatial_dims}-D image, got spatial shape {shape}")
     if image.shape[0] != 1:
         raise ValueError(f"{path}: expected a single-channel image, got {image.shape[0]} channels")
-    if image.is_floating_point() and not torch.isfinite(image).all():
-        count = int((~torch.isfinite(image)).sum())
-        raise ValueError(f"{path}: {count} voxels are NaN or infinite")
+    if image.is_floating_point() and torch.isinf(image).any():
+        raise ValueError(f"{path}: {int(torch.isinf(image).sum())} voxels are infinite")
+    if not label:
+        try:
+            image = fill_nan_background(image)[0]
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     if label:
-        if image.is_floating_point() and not torch.equal(image, image.round()):
-            raise ValueError(f"{path}: a label map must hold integer values")
+        if image.is_floating_point() and not torch.equal(image, image.round()):  # NaN and infinity included
+            raise ValueError(f"{path}: a label map must hold integer values, not NaN, infinite or fractional ones")
         image = image.to(torch.int64)
     if reference is not None and not _grid_matches(image, reference, atol):
         raise ValueError(

@@ -52,7 +52,7 @@ def check_image(
 ) -> MetaTensor:
     """Load one input file with :func:`monai_ext.io.native.load_image` and refuse anything not worth registering.
 
-    On top of ``load_image``'s checks (readable, ``spatial_dims``-D, one channel, finite values, integer labels on
+    On top of ``load_image``'s checks (readable, ``spatial_dims``-D, one channel, no infinite values, integer labels on
     ``reference``'s grid), an intensity image must not be constant. ``name`` (e.g. ``"pairs[0]['moving_image']"``)
     prefixes the message. Raises :class:`MissingInputError` or :class:`InputError`.
     """
