@@ -18,6 +18,7 @@ import csv
 import json
 from pathlib import Path
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -36,8 +37,6 @@ from monai_ext.io.affine_deformable_outputs import AffineDeformableWriter
 from monai_ext.io.itk_fields import read_itk_affine
 from monai_ext.io.validation import InputError
 from monai_ext.spatial.sampling import sample
-
-itk = pytest.importorskip("itk")
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sitreg_brain_raw"
@@ -181,7 +180,7 @@ def test_itk_applies_the_affine_and_the_field_like_the_warped_image(registered, 
 
 
 def test_ants_applies_field_then_affine_like_the_warped_image(registered, raw_pair):
-    ants = pytest.importorskip("ants")  # antspyx is not a dependency of the package
+    import ants  # antspyx: a dev dependency (not one of the package)
     fixed, moving = ants.image_read(str(raw_pair["fixed_image"])), ants.image_read(str(raw_pair["moving_image"]))
     transforms = [str(registered / "deformable_field_itk.nii.gz"), str(registered / "affine_itk.mat")]
     by_ants = ants.apply_transforms(fixed, moving, transformlist=transforms, interpolator="linear").numpy()

@@ -204,6 +204,24 @@ def test_itk_displacement_field_transform_matches_our_warp(tmp_path):
     assert np.abs(ours - wrong)[inside].max() / scale > 0.05
 
 
+def test_ants_applies_our_displacement_field_like_our_warp(tmp_path):
+    """ANTs (antspyx's ``apply_transforms``, as ``antsApplyTransforms -t warp.nii.gz``) reads the written field as
+    ITK does: the oblique, anisotropic, non-RAS pair resamples as our ``warp`` does."""
+    import ants  # antspyx: a dev dependency (not one of the package)
+
+    ddf = native_ddf()
+    moving, fixed_path, moving_path = write_pair(tmp_path)
+    ours = warp(moving.double(), ddf)[0, 0].numpy()
+    field_path = write_displacement_field(tmp_path / "warp.nii.gz", ddf, FIXED_AFFINE, MOVING_AFFINE)
+    fixed, moving_image = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
+    theirs = ants.apply_transforms(fixed, moving_image, transformlist=[str(field_path)], interpolator="linear").numpy()
+    inside = inside_moving(ddf)
+    assert inside.mean() > 0.5 and theirs.shape == ours.shape  # antspyx arrays are in the file's (our) axis order
+    scale = float(moving.max() - moving.min())
+    error = np.abs(ours - theirs)[inside].max() / scale
+    assert error < RELATIVE_TOLERANCE, error
+
+
 @pytest.mark.parametrize("suffix", [".tfm", ".mat", ".h5"])
 def test_itk_affine_file_matches_affine_to_ddf(tmp_path, suffix):
     """An affine written in world RAS (``.tfm``) or voxel (``.mat``) form and applied by ITK equals our warp."""
