@@ -103,3 +103,27 @@ def test_partial_field_of_view_warns(demo_pair, tmp_path):
         grids(data)
     with pytest.raises(ValueError, match="min_extent_mm needs centre='foreground'"):
         model_space_transforms(["image"], pixdim=2.0, spatial_size=(88, 104, 88), min_extent_mm=80)
+
+
+def test_whole_head_sized_foreground_warns(demo_pair, tmp_path):
+    """max_foreground_ml: the foreground's world volume (voxel count x voxel volume) is checked, so the demo brain
+    (about 1.1 L) stays silent at 2 mm and stored with every other slice (2 x 2 x 4 mm), and warns, with its volume,
+    when its voxels are declared 1.4 times larger (a head-sized 3 L), as a whole-head image would."""
+    grids = ForegroundCentredGridd(["image"], pixdim=2.0, spatial_size=(88, 104, 88), max_foreground_ml=2000)
+    image = nib.load(str(demo_pair["fixed_image"]))
+    data = np.asarray(image.dataobj)
+
+    def load(array, affine, name):
+        nib.save(nib.Nifti1Image(array, affine), str(tmp_path / name))
+        return EnsureChannelFirstd("image")(LoadImaged("image", image_only=True)({"image": str(tmp_path / name)}))
+
+    thinned = image.affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grids(load(data, image.affine, "brain.nii.gz"))
+        grids(load(data[:, :, ::2], thinned, "thinned.nii.gz"))
+    large = image.affine @ np.diag([1.4, 1.4, 1.4, 1.0])
+    with pytest.warns(UserWarning, match=r"large.nii.gz: its foreground is 2\.[89] L, more than a skull-stripped brain"):
+        grids(load(data, large, "large.nii.gz"))
+    with pytest.raises(ValueError, match="max_foreground_ml needs centre='foreground'"):
+        model_space_transforms(["image"], pixdim=2.0, spatial_size=(88, 104, 88), max_foreground_ml=2000)

@@ -73,6 +73,8 @@ class ForegroundCentredGridd(MapTransform):
             ``<key>_refine`` (:data:`REFINE_SUFFIX`), e.g. for an intensity refinement of the network's result.
         min_extent_mm: warn (``UserWarning``) when an image's foreground spans less than this along a world axis,
             e.g. a slab or a partial field of view given to a model of whole brains; ``None``: no check.
+        max_foreground_ml: warn (``UserWarning``) when an image's foreground is larger than this (mL), e.g. a
+            whole head (2.5-4.5 L) given to a model of skull-stripped brains (1-1.7 L); ``None``: no check.
         allow_missing_keys: skip absent keys (e.g. pairs without label maps).
     """
 
@@ -86,10 +88,12 @@ class ForegroundCentredGridd(MapTransform):
         frame_keys: Mapping[str, str] | None = None,
         refine_pixdim: float | None = None,
         min_extent_mm: float | None = None,
+        max_foreground_ml: float | None = None,
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.min_extent_mm = None if min_extent_mm is None else float(min_extent_mm)
+        self.max_foreground_ml = None if max_foreground_ml is None else float(max_foreground_ml)
         if refine_pixdim is not None and not refine_pixdim > 0:
             raise ValueError(f"refine_pixdim must be > 0, got {refine_pixdim}")
         self.refine_pixdim = None if refine_pixdim is None else float(refine_pixdim)
@@ -108,7 +112,8 @@ class ForegroundCentredGridd(MapTransform):
 
     def centroid(self, image: MetaTensor) -> np.ndarray:
         """World position (RAS mm) of the foreground centroid of ``image`` ``(1, *spatial)``; with ``min_extent_mm``
-        also warns when the foreground's world bounding box is narrower than that along an axis."""
+        / ``max_foreground_ml`` also warns when the foreground's world bounding box is narrower than that along an
+        axis / when its volume is larger than that."""
         values = image[0].float()
         sample_values = values.flatten()[:: max(1, values.numel() // (1 << 22))]
         level = self.threshold * float(torch.quantile(sample_values, 0.99))
@@ -119,6 +124,8 @@ class ForegroundCentredGridd(MapTransform):
         affine = np.asarray(image.affine, dtype=np.float64)
         if self.min_extent_mm is not None:
             self._check_extent(indices, affine, image)
+        if self.max_foreground_ml is not None:
+            self._check_volume(len(indices), affine, image)
         return (affine @ np.append(indices.mean(0).numpy(), 1.0))[:3]
 
     def _check_extent(self, indices: torch.Tensor, affine: np.ndarray, image: torch.Tensor) -> None:
@@ -134,6 +141,19 @@ class ForegroundCentredGridd(MapTransform):
                 f"{name}: its foreground spans only {' x '.join(f'{e:.0f}' for e in extent)} mm along the world "
                 f"axes (R, A, S), under {self.min_extent_mm:.0f} mm along one: this model expects whole brains, "
                 "and a slab or partial field of view may register poorly",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_volume(self, count: int, affine: np.ndarray, image: torch.Tensor) -> None:
+        """Warn when ``count`` foreground voxels of the grid ``affine`` hold more than ``max_foreground_ml``."""
+        litres = count * abs(np.linalg.det(affine[:-1, :-1])) / 1e6
+        if litres * 1000 > self.max_foreground_ml:
+            name = image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image"
+            warnings.warn(
+                f"{name}: its foreground is {litres:.1f} L, more than a skull-stripped brain (about 1-1.7 L): this "
+                "model expects skull-stripped brains, and whole-head images register poorly (strip the skull first, "
+                "e.g. with SynthStrip, HD-BET or FSL's bet)",
                 UserWarning,
                 stacklevel=3,
             )
@@ -184,6 +204,7 @@ def model_space_transforms(
     frame_keys: Mapping[str, str] | None = None,
     refine_pixdim: float | None = None,
     min_extent_mm: float | None = None,
+    max_foreground_ml: float | None = None,
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
@@ -219,6 +240,8 @@ def model_space_transforms(
             (:func:`monai_ext.engines.affine_refinement.refine_keymorph_result`).
         min_extent_mm: ``centre="foreground"`` only: warn about images whose foreground is narrower than this
             along a world axis (:class:`ForegroundCentredGridd`).
+        max_foreground_ml: ``centre="foreground"`` only: warn about images whose foreground is larger than this
+            (mL; :class:`ForegroundCentredGridd`).
     """
     if isinstance(pixdim, (int, float)):
         pixdim = (float(pixdim),)  # isotropic: Spacingd repeats the last value over the remaining axes
@@ -230,8 +253,9 @@ def model_space_transforms(
         raise ValueError(f"centre='foreground' needs an isotropic pixdim and a spatial_size, got {pixdim} and {spatial_size}")
     if frame_keys and centre != "foreground":
         raise ValueError("frame_keys needs centre='foreground'")
-    if min_extent_mm is not None and centre != "foreground":
-        raise ValueError(f"min_extent_mm needs centre='foreground', got centre={centre!r}")
+    for name, value in (("min_extent_mm", min_extent_mm), ("max_foreground_ml", max_foreground_ml)):
+        if value is not None and centre != "foreground":
+            raise ValueError(f"{name} needs centre='foreground', got centre={centre!r}")
     if refine_pixdim is not None and centre != "foreground":
         raise ValueError(f"refine_pixdim needs centre='foreground', got centre={centre!r}")
     images, labels = list(image_keys), list(label_keys)
@@ -247,7 +271,7 @@ def model_space_transforms(
         transforms.append(
             ForegroundCentredGridd(
                 images, labels, pixdim[0], spatial_size, frame_keys=frame_keys, refine_pixdim=refine_pixdim,
-                min_extent_mm=min_extent_mm,
+                min_extent_mm=min_extent_mm, max_foreground_ml=max_foreground_ml,
             )  # fmt: skip
         )
     else:
