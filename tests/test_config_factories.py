@@ -135,7 +135,8 @@ def test_brain_configs_take_the_scalar_spacing(pair, tmp_path):
         (grid,) = [t for t in parser.get_parsed_content(key).transforms if isinstance(t, ForegroundCentredGridd)]
         assert grid.pixdim == parser[spacing]
     loading = parser.get_parsed_content("loading")
-    assert [list(t.keys) for t in loading.transforms] == [["moving_image", "fixed_image", *LABELS]] * 2
+    keys = ["moving_image", "fixed_image"]
+    assert [list(t.keys) for t in loading.transforms] == [[*keys, *LABELS]] * 2 + [keys]  # NaN fill: images only
 
 
 # ------------------------------------------------------------------------------------------------ downloads
