@@ -265,6 +265,8 @@ def test_fill_nan_background_values():
     assert fill_nan_background(integers)[0] is integers
     with pytest.raises(ValueError, match="no finite voxel: 2 of 3 voxels are NaN, the rest infinite"):
         fill_nan_background(torch.tensor([math.nan, -math.inf, math.nan]))
+    with pytest.raises(ValueError, match="no finite voxel: 2 of 2 voxels are NaN$"):
+        fill_nan_background(torch.tensor([math.nan, math.nan]))
 
 
 def test_model_space_transforms_bad_options():

@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import warnings
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -325,7 +325,8 @@ def fill_nan_background(image: torch.Tensor) -> tuple[torch.Tensor, int]:
         return image, 0
     low = float(torch.where(torch.isfinite(image), image, math.inf).amin())
     if low == math.inf:
-        raise ValueError(f"no finite voxel: {count} of {image.numel()} voxels are NaN, the rest infinite")
+        rest = ", the rest infinite" if count < image.numel() else ""
+        raise ValueError(f"no finite voxel: {count} of {image.numel()} voxels are NaN{rest}")
     return image.masked_fill(nan, low), count
 
 

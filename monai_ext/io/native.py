@@ -141,7 +141,8 @@ def load_image(
 
     Raises:
         FileNotFoundError: missing file. ValueError: unreadable file, wrong dimensionality or channel count,
-        infinite voxels, no finite voxel, non-integer (or NaN) labels, grid differing from ``reference``; every message names the file.
+        infinite voxels, no finite voxel, non-integer (or NaN) labels, grid differing from ``reference``; every
+        message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,15 +160,15 @@ def load_image(
         raise ValueError(f"{path}: expected a single-channel image, got {image.shape[0]} channels")
     if image.is_floating_point() and torch.isinf(image).any():
         raise ValueError(f"{path}: {int(torch.isinf(image).sum())} voxels are infinite")
-    if not label:
+    if label:
+        if image.is_floating_point() and not torch.equal(image, image.round()):  # NaN included
+            raise ValueError(f"{path}: a label map must hold integer values, not NaN or fractional ones")
+        image = image.to(torch.int64)
+    else:
         try:
             image = fill_nan_background(image)[0]
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    if label:
-        if image.is_floating_point() and not torch.equal(image, image.round()):  # NaN and infinity included
-            raise ValueError(f"{path}: a label map must hold integer values, not NaN, infinite or fractional ones")
-        image = image.to(torch.int64)
     if reference is not None and not _grid_matches(image, reference, atol):
         raise ValueError(
             f"{path}: grid (shape {shape}, affine {np.round(np.asarray(image.affine), 4).tolist()}) does not match its "
