@@ -424,3 +424,15 @@ def test_cli_nan_background_registers_as_its_lowest_value(files, tmp_path):
     for key, array in results["holes"].items():
         assert np.isfinite(array).all(), key
         np.testing.assert_array_equal(array, results["filled"][key], err_msg=key)
+
+
+def test_cli_images_too_small_after_the_bundles_crop(files, tmp_path, capsys):
+    """sitreg_oasis crops 24 and 16 voxels from both ends of two axes (for OASIS' 160x192x224 images): a 16^3 pair is
+    cropped away. The network's size check reports it as one error line, without a traceback, and nothing is
+    written."""
+    out = tmp_path / "out"
+    status = main(["register", "sitreg_oasis", files["moving_image"], files["fixed_image"], str(out), "--no_weights"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: images of spatial shape (16, 0, 0) are too small"), err
+    assert not out.exists() or not any(out.iterdir())

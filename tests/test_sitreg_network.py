@@ -17,6 +17,7 @@ from conftest import fixture_path, load_npz
 from monai.bundle import ConfigParser
 
 from monai_ext.checkpoints import convert_sitreg_state_dict, load_sitreg_checkpoint, sitreg_from_reference_config
+from monai_ext.errors import InputError
 from monai_ext.losses.regularization import GradientDeformationLoss
 from monai_ext.losses.similarity import LocalNormalizedCrossCorrelation
 from monai_ext.losses.symmetric import SymmetricRegistrationLoss
@@ -492,7 +493,7 @@ def test_bad_inputs():
         model.forward_and_inverse(good, torch.full((1, 1, 8, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="same shape"):
         model.forward_and_inverse(good, torch.rand(1, 1, 8, 8, 9))
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(InputError, match="too small"):  # a bad input (a ValueError too): the CLI prints one line
         model.forward_and_inverse(torch.rand(1, 1, 8, 2, 8), torch.rand(1, 1, 8, 2, 8))
     with pytest.raises(ValueError, match="cat\\(moving, fixed\\)"):
         model(torch.rand(1, 3, 8, 8, 8))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from monai_ext.errors import InputError
 from monai_ext.spatial.affine import affine_matrix_from_parameters
 from monai_ext.spatial.bspline import bspline_upsample, control_point_bound
 from monai_ext.spatial.coordinates import invert_homogeneous, voxel_to_centered_normalized
@@ -683,10 +684,11 @@ class SITReg(nn.Module):
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
         shape = tuple(moving.shape[2:])
         min_size = 2 ** (self.n_levels - 2) if self.n_levels > 1 else 0
-        if min(shape) <= min_size:
-            raise ValueError(
-                f"spatial shape {shape} is too small for {self.n_levels} levels: every axis must exceed "
-                f"2^(n_levels - 2) = {min_size} so that each level halves it"
+        if min(shape) <= min_size:  # an input error: the images (after a bundle's crop or pooling) are too small
+            raise InputError(
+                f"images of spatial shape {shape} are too small for this {self.n_levels}-level SITReg network: every "
+                f"axis must exceed 2^(n_levels - 2) = {min_size} voxels so that each level halves it (in a bundle: "
+                "after its preprocessing, whose crop, crop_or_pad_to and downsampling are set for its dataset's images)"
             )
         if self.affine_head is not None and shape != self.input_shape:
             raise ValueError(f"spatial shape {shape} differs from input_shape {self.input_shape} of the affine stage")
