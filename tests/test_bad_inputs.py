@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "slice": _save(root / "slice.nii.gz", rng.random((16, 16, 1)).astype(np.float32)),
         "channels": _save(root / "channels.nii.gz", rng.random((*SHAPE, 1, 2)).astype(np.float32)),
         "all_nan": _save(root / "all_nan.nii.gz", all_nan),
+        "other_shape": _save(root / "other_shape.nii.gz", rng.random((16, 16, 18)).astype(np.float32)),
         "inf": _save(root / "inf.nii.gz", inf),
         "zeros": _save(root / "zeros.nii.gz", np.zeros(SHAPE, np.float32)),
         "fives": _save(root / "fives.nii.gz", np.full(SHAPE, 5, np.int16)),
@@ -426,13 +429,24 @@ def test_cli_nan_background_registers_as_its_lowest_value(files, tmp_path):
         np.testing.assert_array_equal(array, results["filled"][key], err_msg=key)
 
 
-def test_cli_images_too_small_after_the_bundles_crop(files, tmp_path, capsys):
-    """sitreg_oasis crops 24 and 16 voxels from both ends of two axes (for OASIS' 160x192x224 images): a 16^3 pair is
-    cropped away. The network's size check reports it as one error line, without a traceback, and nothing is
-    written."""
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        # sitreg_oasis crops 24 and 16 voxels from both ends of two axes (for OASIS' 160x192x224 images): a 16^3 pair
+        # is cropped away, which the network's size check reports
+        (("moving_image", "fixed_image"), "error: images of spatial shape (16, 0, 0) are too small"),
+        # a voxel-space bundle (one grid for its dataset's images) and a pair on grids of two shapes
+        (("moving_image", "other_shape"), "error: moving (1, 1, 16, 16, 16) and fixed (1, 1, 16, 16, 18) images must"),
+    ],
+    ids=["cropped away", "two grid shapes"],
+)
+def test_cli_pairs_the_network_cannot_take(images, message, files, tmp_path):
+    """Found when the pair reaches the network, after the progress bar started: the command (a real process, as a
+    user runs it) ends with one error line, exit status 2, no traceback, and writes nothing."""
     out = tmp_path / "out"
-    status = main(["register", "sitreg_oasis", files["moving_image"], files["fixed_image"], str(out), "--no_weights"])
-    err = capsys.readouterr().err
-    assert status == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: images of spatial shape (16, 0, 0) are too small"), err
+    moving, fixed = (files[key] for key in images)
+    command = [sys.executable, "-m", "monai_ext", "register", "sitreg_oasis", moving, fixed, str(out), "--no_weights"]
+    result = subprocess.run(command + ["--crop", "None"] * (images[1] == "other_shape"), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not out.exists() or not any(out.iterdir())

@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from monai_ext.errors import InputError
 from monai_ext.spatial.sampling import warp
 
 __all__ = [
@@ -77,8 +78,13 @@ def forward_and_inverse(
     ``DistributedDataParallel``); otherwise a tensor-in/tensor-out network is run twice,
     ``network(cat(moving, fixed))`` and ``network(cat(fixed, moving))``.
     """
-    if moving.shape != fixed.shape:
-        raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape")
+    if moving.shape != fixed.shape:  # an input error: a pair of another size than the bundle's dataset
+        raise InputError(
+            f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape: a bundle "
+            "that registers in voxel space (its dataset's images share one grid) needs both images on one grid "
+            "after its preprocessing; resample the moving image onto the fixed image's grid first, or use a bundle "
+            "that resamples in world space (sitreg_brain, sitreg_brain_raw, the KeyMorph bundles)"
+        )
     if isinstance(getattr(network, "module", network), SymmetricPairNetwork):
         return network(moving, fixed)
     if hasattr(network, "forward_and_inverse"):
