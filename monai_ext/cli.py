@@ -64,6 +64,7 @@ from monai.bundle import ConfigParser, create_workflow
 from monai.data import decollate_batch
 from tqdm import tqdm  # a dependency of huggingface_hub, which this package requires
 
+from monai_ext.data.base import IMAGE_SUFFIXES, image_stem
 from monai_ext.engines.affine_deformable import AffineFitError
 from monai_ext.metrics.overlap import pair_metrics
 from monai_ext.io.outputs import pair_folder_name, pair_folder_names, summary_line
@@ -84,7 +85,6 @@ __all__ = [
     "main",
 ]
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 #: short names of bundles under ``bundles/`` (a bundle folder of the same name in the working directory wins)
 BUNDLE_ALIASES = {"brain": "sitreg_brain_raw"}
@@ -105,15 +105,10 @@ def bundle_path(bundle: str | os.PathLike) -> Path:
     raise InputError(f"bundle {str(bundle)!r} not found: give a bundle folder, an alias {aliases} or one of {known}")
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
-
-
 def _images_in(folder: Path) -> dict[str, Path]:
     """``{name without extension: path}`` of the image files in ``folder`` (hidden files ignored)."""
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    return {_stem(p): p for p in files if p.name.lower().endswith(IMAGE_SUFFIXES)}
+    return {image_stem(p): p for p in files if p.name.lower().endswith(IMAGE_SUFFIXES)}
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_ext.data.base import fill_nan_background
+from monai_ext.data.base import fill_nan_background, image_stem
 from monai_ext.io.itk_fields import write_image
 from monai_ext.data.model_space import model_space_transforms
 from monai_ext.io.native import ddf_model_to_native, load_image
@@ -252,6 +252,22 @@ def test_nan_background_reads_as_the_lowest_value(tmp_path, suffix):
         item = model_space_transforms(["image"], intensity=None)({"image": str(path)})
     ras = expected.flip(1, 2) if suffix == ".mha" else expected  # identity grid in LPS: reoriented to RAS
     assert torch.equal(item["image"].as_tensor(), ras)
+
+
+def test_freesurfer_mgz_reads_like_nifti(tmp_path):
+    """FreeSurfer's MGZ (ITK's reader) gives the same voxels and RAS affine as the NIfTI file of the same image, in
+    the input checks and in the bundles' loading (MONAI's default readers do not read MGZ)."""
+    data = np.random.default_rng(1).random((9, 7, 8)).astype(np.float32)
+    affine = np.array([[0.0, 0.0, 1.2, -10.0], [-0.9, 0.0, 0.0, 20.0], [0.0, 1.1, 0.0, -5.0], [0.0, 0.0, 0.0, 1.0]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
+    nib.save(nib.MGHImage(data, affine), tmp_path / "scan.mgz")
+    nifti, mgz = load_image(tmp_path / "scan.nii.gz"), load_image(tmp_path / "scan.mgz")
+    assert torch.equal(mgz.as_tensor(), nifti.as_tensor())
+    np.testing.assert_allclose(np.asarray(mgz.affine), affine, atol=1e-5)
+    transform = model_space_transforms(["image"], pixdim=1.5, spatial_size=(8, 8, 8), intensity=None)
+    items = [transform({"image": str(tmp_path / name)})["image"] for name in ("scan.nii.gz", "scan.mgz")]
+    torch.testing.assert_close(items[1].as_tensor(), items[0].as_tensor(), rtol=0, atol=1e-5)
+    assert [image_stem(p) for p in ("a.nii.gz", "b.MGZ", "c.nhdr", "d.txt")] == ["a", "b", "c", "d.txt"]
 
 
 def test_fill_nan_background_values():

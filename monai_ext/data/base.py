@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import (
     AsDiscreted,
     BorderPad,
@@ -61,12 +61,17 @@ __all__ = [
     "ShiftAndMaskd",
     "LoadPointsd",
     "OrientLiked",
+    "IMAGE_SUFFIXES",
+    "image_stem",
+    "image_readers",
     "fill_nan_background",
     "FillNaNBackgroundd",
     "volume_transforms",
 ]
 
 MASK_THRESHOLD = 1 - 1e-5
+#: file name endings of the image formats the package reads (:func:`image_readers`), longest first per format
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 
 
 def prepare_archive(
@@ -308,6 +313,24 @@ class OrientLiked(MapTransform):
         return d
 
 
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its image suffix (:data:`IMAGE_SUFFIXES`, any case): ``a.nii.gz`` -> ``a``; other
+    names are returned whole."""
+    name = Path(path).name
+    return next((name[: -len(suffix)] for suffix in IMAGE_SUFFIXES if name.lower().endswith(suffix)), name)
+
+
+def image_readers() -> list:
+    """The image readers of every ``LoadImage(d)`` of the package: NIfTI (``.nii``, ``.nii.gz``) by nibabel, every
+    other format (NRRD, MHA / MHD, FreeSurfer's MGZ, ...) by ITK; both give the voxel to RAS affine.
+
+    MONAI tries the readers given last first, each on the suffixes it claims. Explicit because MONAI's default list
+    does not read MGZ files, and because ITK's NIfTI reader silently turns NaN voxels into 0 (nibabel keeps them, so
+    that they are reported: :class:`FillNaNBackgroundd`).
+    """
+    return [ITKReader(), NibabelReader()]
+
+
 def fill_nan_background(image: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``image`` (any shape, e.g. ``(1, *spatial)``) with its NaN voxels set to its lowest finite value, and their count.
 
@@ -384,7 +407,7 @@ def volume_transforms(
     image_keys, mask_keys, label_keys = list(image_keys), list(mask_keys), list(label_keys)
     point_keys = dict(point_keys or {})
     grid_keys = image_keys + mask_keys + label_keys
-    transforms: list = [LoadImaged(keys=grid_keys, ensure_channel_first=True, image_only=True)]
+    transforms: list = [LoadImaged(keys=grid_keys, reader=image_readers(), ensure_channel_first=True, image_only=True)]
     if image_keys:
         transforms.append(FillNaNBackgroundd(image_keys))
     moving = [key for key in grid_keys if key.startswith("moving_")]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from monai.transforms import Compose, Orientationd
 
-from monai_ext.data.base import pair_item
+from monai_ext.data.base import IMAGE_SUFFIXES, image_stem, pair_item
 from monai_ext.data.model_space import model_space_transforms
 
 __all__ = [
@@ -78,7 +78,6 @@ __all__ = [
 
 IXI_MODALITIES = ("T1", "T2", "PD")
 IXI_SPLITS = {"train": (0, 428), "test": (428, 528), "all": (0, None)}
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _TRUE = ("1", "true", "yes", "train")
 #: keys of the two images of a pair dict (:func:`monai_ext.data.base.pair_item`)
 PAIR_IMAGE_KEYS = ("moving_image", "fixed_image")
@@ -88,14 +87,6 @@ PAIR_LABEL_KEYS = ("moving_label", "fixed_label")
 #: :func:`same_subject_pairs` item merged into a training pair under the ``consistency_`` prefix
 #: (the ``extras`` of :class:`monai_ext.data.pairs.RegistrationPairDataset`)
 CONSISTENCY_IMAGE_KEYS = ("consistency_image_1", "consistency_image_2")
-
-
-def _stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def subject_id(name: str, modality: str) -> str:
@@ -137,13 +128,13 @@ def ixi_subjects(
         folder = root / modality
         if not folder.is_dir():
             raise FileNotFoundError(f"IXI modality folder not found: {folder}")
-        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(_IMAGE_SUFFIXES))
+        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
         files = _split(files, split)
         if not files:
             raise ValueError(f"no images of modality {modality!r} in split {split!r} under {folder}")
         subjects = []
         for path in files:
-            name = _stem(path)
+            name = image_stem(path)
             subject = {"image": str(path), "name": name, "modality": modality, "subject": subject_id(name, modality)}
             for wanted, key, suffix in ((masks, "mask", "mask"), (labels, "label", "seg")):
                 if wanted:
@@ -202,7 +193,7 @@ def csv_subjects(csv_path: str | os.PathLike, split: str = "train") -> dict[str,
         for column, key in (("seg_path", "label"), ("mask_path", "mask")):
             if _cell(row, column) is not None:
                 subject[key] = str(base / _cell(row, column))
-        subject["name"] = _stem(image)
+        subject["name"] = image_stem(image)
         subject["subject"] = subject_id(subject["name"], modality)
         out.setdefault(modality, []).append(subject)
     if not out:
@@ -225,7 +216,7 @@ def csv_pairs(csv_path: str | os.PathLike, split: str = "train") -> list[dict[st
             image = _cell(row, f"{side}_img_path")
             if image is None:
                 raise ValueError(f"{csv_path} line {number}: {side}_img_path is missing")
-            item = {"image": str(base / image), "name": _stem(image)}
+            item = {"image": str(base / image), "name": image_stem(image)}
             for column, key in (("seg_path", "label"), ("mask_path", "mask")):
                 if _cell(row, f"{side}_{column}") is not None:
                     item[key] = str(base / _cell(row, f"{side}_{column}"))
@@ -473,7 +464,7 @@ def consistency_subject_pairs(
 
 
 def _listing(folder: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(_IMAGE_SUFFIXES)}
+    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(IMAGE_SUFFIXES)}
 
 
 def paired_files(
@@ -512,8 +503,8 @@ def paired_files(
         item = {
             "moving_image": str(moving_path),
             "fixed_image": str(fixed_path),
-            "moving_name": _stem(moving_path),
-            "fixed_name": _stem(fixed_path),
+            "moving_name": image_stem(moving_path),
+            "fixed_name": image_stem(fixed_path),
         }
         if moving_label is not None:
             for side, root in (("moving", Path(moving_label)), ("fixed", Path(fixed_label))):
@@ -533,7 +524,7 @@ def folder_images(folder: str | os.PathLike, label_folder: str | os.PathLike | N
         raise FileNotFoundError(f"image folder not found: {folder}")
     items = []
     for name, path in _listing(folder).items():
-        item = {"image": str(path), "name": _stem(path)}
+        item = {"image": str(path), "name": image_stem(path)}
         if label_folder is not None:
             label = Path(label_folder) / name
             if not label.is_file():

@@ -32,7 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from monai_ext.data.base import FillNaNBackgroundd
+from monai_ext.data.base import FillNaNBackgroundd, image_readers
 from monai_ext.data.synthbrain import grid_affine, normalize_intensity, subtract_background
 
 __all__ = ["REFINE_SUFFIX", "ForegroundCentredGridd", "loading_transforms", "model_space_transforms"]
@@ -188,7 +188,11 @@ def loading_transforms(image_keys: Sequence[str], label_keys: Sequence[str] = ()
     ``(1, *spatial)`` with their file metadata out (the input of ``model_space_transforms(..., load=False)``)."""
     keys = list(image_keys) + list(label_keys)
     return Compose(
-        [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), FillNaNBackgroundd(list(image_keys))]
+        [
+            LoadImaged(keys=keys, reader=image_readers(), image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            FillNaNBackgroundd(list(image_keys)),
+        ]
     )
 
 
@@ -208,7 +212,8 @@ def model_space_transforms(
 ) -> Compose:
     """MONAI preprocessing from files to model space, shared by the bundles.
 
-    ``LoadImaged`` (MONAI's default readers: nibabel for NIfTI, ITK for NRRD / MHA) -> ``EnsureChannelFirstd``
+    ``LoadImaged`` (:func:`~monai_ext.data.base.image_readers`: nibabel for NIfTI, ITK for NRRD / MHA / MGZ)
+    -> ``EnsureChannelFirstd``
     -> NaN voxels of the images to their lowest value (:class:`~monai_ext.data.base.FillNaNBackgroundd`)
     -> with an ``intensity`` scaling, the images' backgrounds to ~0
     (:func:`monai_ext.data.synthbrain.subtract_background`) -> ``Orientationd("RAS")``

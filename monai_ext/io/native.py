@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import ITKReader, MetaTensor, NibabelReader
+from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from monai_ext.data.base import fill_nan_background
+from monai_ext.data.base import fill_nan_background, image_readers
 from monai_ext.spatial.coordinates import ddf_voxel_to_world, invert_homogeneous, voxel_to_world
 from monai_ext.spatial.sampling import affine_to_ddf, check_ddf, sample, voxel_grid
 
@@ -120,12 +120,11 @@ def load_image(
     reference: MetaTensor | None = None,
     atol: float = 1e-3,
 ) -> MetaTensor:
-    """Load and check one image file (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA, ...) with MONAI's ``LoadImage``.
+    """Load and check one image file (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA, MGZ, ...) with MONAI's ``LoadImage``.
 
-    NIfTI files are read with ``NibabelReader``, all other formats with ``ITKReader`` (MONAI's own default
-    choice, also used by :func:`monai_ext.data.model_space.model_space_transforms`; both give the same RAS
-    affine). ITK's NIfTI reader is avoided because it silently replaces NaN and infinite voxels with 0, hiding
-    corrupt data: here infinite voxels are refused, and NaN voxels of an intensity image (the "no data" background of
+    The readers are those of the bundles' loading (:func:`monai_ext.data.base.image_readers`: NIfTI by nibabel,
+    other formats by ITK; both give the same RAS affine). ITK's NIfTI reader is avoided because it silently
+    replaces NaN and infinite voxels with 0, hiding corrupt data: here infinite voxels are refused, and NaN voxels of an intensity image (the "no data" background of
     some SPM and FSL outputs) read as its lowest finite value, as the bundles' loading does
     (:func:`monai_ext.data.base.fill_nan_background`, where the bundles warn about them).
 
@@ -147,8 +146,9 @@ def load_image(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    reader = NibabelReader() if path.name.lower().endswith((".nii", ".nii.gz")) else ITKReader()
-    loader = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None if label else np.float32)
+    loader = LoadImage(
+        reader=image_readers(), image_only=True, ensure_channel_first=True, dtype=None if label else np.float32
+    )
     try:
         image = loader(str(path))
     except Exception as err:  # MONAI wraps ITK's C++ errors in RuntimeError with a long message

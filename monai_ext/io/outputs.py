@@ -83,6 +83,7 @@ from monai_ext.io.validation import (
     check_pairs,
 )
 from monai_ext.data.atomic import atomic_output, umask_mode
+from monai_ext.data.base import image_stem
 from monai_ext.metrics.deformation import jacobian_determinant
 from monai_ext.spatial.coordinates import invert_homogeneous
 from monai_ext.spatial.sampling import affine_to_ddf, warp
@@ -109,7 +110,6 @@ OUTPUTS = (
     "qa",
 )
 _FILES = {name: f"{name}.nii.gz" for name in OUTPUTS} | {"metrics": "metrics.json", "qa": "qa.png"}
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -177,14 +177,6 @@ def pair_folder_names(pairs: Sequence[Mapping[str, Any]]) -> list[str]:
     return names
 
 
-def _stem(path: Any) -> str:
-    name = Path(str(path)).name
-    for suffix in _SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def pair_folder_name(
     item: Mapping[str, Any], index: int = 0, moving_key: str = "moving_image", fixed_key: str = "fixed_image"
 ) -> str:
@@ -203,7 +195,7 @@ def pair_folder_name(
         else (os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
         for image in images
     ]
-    stems = [_stem(f) if f else None for f in files]
+    stems = [image_stem(str(f)) if f else None for f in files]
     for i, (side, file, stem) in enumerate(zip(("moving", "fixed"), files, stems)):
         if names[i] is None and stem is not None:
             names[i] = f"{Path(str(file)).parent.name}_{stem}" if stems[0] == stems[1] else stem
