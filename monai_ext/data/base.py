@@ -1,4 +1,5 @@
-"""Pieces shared by the dataset modules: archive preparation, pair dicts, NaN backgrounds and SITReg's volume pipeline.
+"""Pieces shared by the dataset modules and the loaders: archive preparation, pair dicts, image file formats and
+readers, NaN backgrounds and SITReg's volume pipeline.
 
 SITReg's generic pipeline (that of the authors' reference implementation), in order: crop -> centred crop-or-pad ->
 average-pool by the downsampling factor -> clip -> ``(x - shift) / scale``; masks go through crop,
