@@ -268,6 +268,10 @@ def test_freesurfer_mgz_reads_like_nifti(tmp_path):
     items = [transform({"image": str(tmp_path / name)})["image"] for name in ("scan.nii.gz", "scan.mgz")]
     torch.testing.assert_close(items[1].as_tensor(), items[0].as_tensor(), rtol=0, atol=1e-5)
     assert [image_stem(p) for p in ("a.nii.gz", "b.MGZ", "c.nhdr", "d.txt")] == ["a", "b", "c", "d.txt"]
+    labels = (data * 3000).astype(np.int32)  # MGZ stores integers big-endian (FreeSurfer's aseg.mgz)
+    nib.save(nib.MGHImage(labels, affine), tmp_path / "labels.mgz")
+    read = load_image(tmp_path / "labels.mgz", label=True, reference=mgz)
+    assert read.dtype == torch.int64 and torch.equal(read[0], torch.from_numpy(labels.astype(np.int64)))
 
 
 def test_fill_nan_background_values():

@@ -146,8 +146,10 @@ def load_image(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
+    # label maps are read as float64 (exact for any label below 2^53), which also gives native byte order: torch
+    # cannot take the big-endian integers of an MGZ label map (FreeSurfer's aseg.mgz) as they are stored
     loader = LoadImage(
-        reader=image_readers(), image_only=True, ensure_channel_first=True, dtype=None if label else np.float32
+        reader=image_readers(), image_only=True, ensure_channel_first=True, dtype=np.float64 if label else np.float32
     )
     try:
         image = loader(str(path))
